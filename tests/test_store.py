@@ -1,0 +1,243 @@
+"""Store: zarr v3 layout read back with plain zarr, refusing foreign paths, done-last, concurrent writers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from wsi_qc import __version__
+from wsi_qc.errors import ConfigError
+from wsi_qc.store import (consolidate, list_slides, open_store, read_slide, remove_slide, slide_done, slide_key,
+                          write_slide)
+
+
+def slide_arrays(n: int = 37, seed: int = 0, d: int | None = None) -> dict:
+    rng = np.random.default_rng(seed)
+    rl2 = rng.random(n).astype(np.float32)
+    keep = rl2 <= 0.6
+    grid = np.zeros((7, 9), np.uint8)
+    grid.flat[:n] = np.where(keep, 1, 2)
+    out = {"coords": rng.integers(0, 50_000, (n, 2)).astype(np.int64),  # any integer dtype is stored as int32
+           "rl2": rl2, "keep": keep, "grid": grid, "tissue": rng.random((20, 30)) > 0.5}
+    if d:
+        out["features"] = rng.random((n, d)).astype(np.float32)
+    return out
+
+
+def attrs_for(fp: str = "fp1", n: int = 37) -> dict:
+    return {"source": "/data/a.svs", "sha256_head": "ab" * 32, "mpp": np.float64(0.2527), "tile_size": 224,
+            "tile_mpp": 1.0, "n_tiles": n, "n_keep": np.int64(20), "fingerprint": fp,
+            "timings": {"total_s": 1.5}}
+
+
+def test_round_trip_with_plain_zarr(tmp_path):
+    path = tmp_path / "qc.zarr"
+    root = open_store(path, attrs={"config": {"tiles": {"size": 224}}, "auc": 0.91})
+    a = slide_arrays(d=16)
+    write_slide(root, "slide A.svs", **a, attrs=attrs_for())
+
+    plain = zarr.open_group(path, mode="r")
+    assert plain.metadata.zarr_format == 3
+    assert plain.attrs["wsi_qc"] == {"version": __version__, "config": {"tiles": {"size": 224}}, "auc": 0.91}
+    g = plain["slide_A.svs"]
+    expect = {"coords": (np.int32, (37, 2)), "rl2": (np.float32, (37,)), "keep": (np.bool_, (37,)),
+              "grid": (np.uint8, (7, 9)), "tissue": (np.bool_, (20, 30)), "features": (np.float32, (37, 16))}
+    for name, (dtype, shape) in expect.items():
+        arr = g[name]
+        assert arr.dtype == dtype and arr.shape == shape, name
+        np.testing.assert_array_equal(arr[...], a[name])
+    assert g["grid"].metadata.dimension_names == ("y", "x")
+    assert g["tissue"].metadata.dimension_names == ("y", "x")
+    assert g.attrs["status"] == "done" and g.attrs["fingerprint"] == "fp1"
+    assert g.attrs["mpp"] == 0.2527 and g.attrs["n_keep"] == 20 and g.attrs["timings"] == {"total_s": 1.5}
+
+    got = read_slide(open_store(path, create=False), "slide A.svs")
+    assert set(got) == set(expect) | {"attrs"}
+    np.testing.assert_array_equal(got["rl2"], a["rl2"])
+    assert got["coords"].dtype == np.int32 and got["attrs"]["source"] == "/data/a.svs"
+    assert list_slides(root) == {"slide_A.svs": "done"}
+
+
+def test_empty_slide_round_trip(tmp_path):
+    root = open_store(tmp_path / "qc.zarr")
+    write_slide(root, "blank", coords=np.zeros((0, 2), int), rl2=np.zeros(0, np.float32), keep=np.zeros(0, bool),
+                grid=np.zeros((3, 3), np.uint8), tissue=np.zeros((10, 10), bool), attrs=attrs_for(n=0))
+    got = read_slide(root, "blank")
+    assert got["coords"].shape == (0, 2) and got["rl2"].shape == (0,) and "features" not in got
+    assert slide_done(root, "blank", "fp1")
+
+
+def test_open_store_refuses_what_is_not_a_store(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    full_dir = tmp_path / "dir"
+    full_dir.mkdir()
+    (full_dir / "notes.txt").write_text("x")
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(foreign, mode="w", attributes={"other": 1})
+    an_array = tmp_path / "array.zarr"
+    zarr.create_array(an_array, data=np.zeros(3))
+    for path in (a_file, full_dir, foreign, an_array):
+        with pytest.raises(ConfigError) as err:
+            open_store(path)
+        assert str(path) in str(err.value) and "choose another --out or remove it" in str(err.value)
+    assert (full_dir / "notes.txt").read_text() == "x"  # nothing touched
+    assert dict(zarr.open_group(foreign, mode="r").attrs) == {"other": 1}
+
+    with pytest.raises(ConfigError, match="no wsi-qc store"):
+        open_store(tmp_path / "missing.zarr", create=False)
+    assert not (tmp_path / "missing.zarr").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "wsi_qc" in open_store(empty).attrs  # an empty directory becomes a store
+
+
+def test_root_attrs_update_keeps_slides(tmp_path):
+    path = tmp_path / "qc.zarr"
+    write_slide(open_store(path), "s1", **slide_arrays(), attrs=attrs_for())
+    root = open_store(path, attrs={"threshold": {"threshold": 0.6}, "auc": 0.8})
+    root = open_store(path, attrs={"auc": 0.9})
+    assert root.attrs["wsi_qc"] == {"version": __version__, "threshold": {"threshold": 0.6}, "auc": 0.9}
+    assert list_slides(root) == {"s1": "done"} and slide_done(root, "s1", "fp1")
+
+
+def test_done_requires_status_and_fingerprint(tmp_path):
+    root = open_store(tmp_path / "qc.zarr")
+    assert not slide_done(root, "s1", "fp1")  # absent
+    partial = root.create_group("s1", attributes={"fingerprint": "fp1", "n_tiles": 5})
+    partial.create_array("rl2", data=np.ones(5, np.float32))
+    assert not slide_done(root, "s1", "fp1")  # arrays but no status "done"
+    assert list_slides(root) == {"s1": "unknown"}
+
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for("fp1"))  # replaces the stale group
+    assert slide_done(root, "s1", "fp1")
+    assert not slide_done(root, "s1", "fp2")
+    assert read_slide(root, "s1")["rl2"].shape == (37,)
+
+    write_slide(root, "s1", **slide_arrays(n=5), attrs={**attrs_for("fp2", 5), "status": "writing"})
+    assert slide_done(root, "s1", "fp2") and not slide_done(root, "s1", "fp1")  # status is always set by the store
+    assert read_slide(root, "s1")["coords"].shape == (5, 2)
+
+
+def test_bad_arrays_are_refused_before_anything_is_deleted(tmp_path):
+    root = open_store(tmp_path / "qc.zarr")
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for())
+    a = slide_arrays()
+    bad = [({**a, "keep": a["keep"][:-1]}, "keep has 36 rows but rl2 has 37"),
+           ({**a, "coords": a["coords"][:, :1]}, r"coords must have shape \(N, 2\)"),
+           ({**a, "keep": a["keep"].astype(np.uint8)}, "keep must be a 1-d array"),
+           ({**a, "grid": a["grid"].astype(float)}, "grid must be a 2-d array"),
+           ({**a, "coords": a["coords"] + 2**40}, "do not fit int32"),
+           ({**a, "features": np.zeros((3, 4), np.float32)}, "features has 3 rows")]
+    for arrays, match in bad:
+        with pytest.raises(ConfigError, match=match):
+            write_slide(root, "s1", **arrays, attrs=attrs_for())
+    with pytest.raises(ConfigError, match="JSON-able"):
+        write_slide(root, "s1", **a, attrs={"fingerprint": object()})
+    assert slide_done(root, "s1", "fp1")
+
+
+def test_slide_key_list_and_remove(tmp_path):
+    assert slide_key("TCGA-AA 01:02/x.svs") == "TCGA-AA_01_02_x.svs"
+    assert slide_key("__hidden") == "_hidden"
+    assert slide_key("ok-1.2_3") == "ok-1.2_3"
+    for bad in ("", "..", "zarr.json"):
+        with pytest.raises(ConfigError, match="rename the slide file"):
+            slide_key(bad)
+    root = open_store(tmp_path / "qc.zarr")
+    for sid in ("b", "a"):
+        write_slide(root, sid, **slide_arrays(), attrs=attrs_for())
+    assert list_slides(root) == {"a": "done", "b": "done"}
+    remove_slide(root, "a")
+    remove_slide(root, "never-written")
+    assert list_slides(root) == {"b": "done"}
+    assert not (tmp_path / "qc.zarr" / "a").exists()
+    with pytest.raises(ConfigError, match="'a' is not in the store"):
+        read_slide(root, "a")
+
+
+def _writer(path: str, ids: list[str], barrier) -> None:
+    root = open_store(path)
+    barrier.wait()
+    for sid in ids:
+        write_slide(root, sid, **slide_arrays(n=3000, seed=int(sid[-1]), d=64), attrs=attrs_for(f"fp-{sid}", 3000))
+
+
+def test_two_processes_write_different_slides_at_once(tmp_path):
+    path = tmp_path / "qc.zarr"
+    open_store(path, attrs={"auc": 0.5})
+    root_json = (path / "zarr.json").read_bytes()
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(str(path), ids, barrier)) for ids in (["s0", "s1"], ["s2", "s3"])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert (path / "zarr.json").read_bytes() == root_json  # slide writers never rewrite the root
+    root = open_store(path, create=False)
+    assert list_slides(root) == {f"s{i}": "done" for i in range(4)}
+    for i in range(4):
+        assert slide_done(root, f"s{i}", f"fp-s{i}")
+        want = slide_arrays(n=3000, seed=i, d=64)
+        got = read_slide(root, f"s{i}")
+        for name in ("coords", "rl2", "keep", "features"):
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def _slow_writer(path: str) -> None:
+    write_slide(open_store(path), "big", **slide_arrays(n=60_000, d=256), attrs=attrs_for())
+
+
+def test_killed_writer_leaves_no_done_group(tmp_path):
+    path = tmp_path / "qc.zarr"
+    open_store(path)
+    proc = multiprocessing.get_context("spawn").Process(target=_slow_writer, args=(str(path),))
+    proc.start()
+    meta = path / "big" / "zarr.json"
+    deadline = time.monotonic() + 60
+    while not meta.exists() and proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert meta.exists(), "the writer never created its group"
+    root = open_store(path, create=False)
+    assert list_slides(root) == {"big": "writing"}
+    assert not slide_done(root, "big", "fp1")
+    write_slide(root, "big", **slide_arrays(), attrs=attrs_for())  # a rerun replaces it
+    assert slide_done(root, "big", "fp1") and read_slide(root, "big")["rl2"].shape == (37,)
+
+
+def test_consolidate_and_reopen(tmp_path):
+    path = tmp_path / "qc.zarr"
+    root = open_store(path, attrs={"auc": 0.7})
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for())
+    consolidate(path)
+    meta = json.loads((path / "zarr.json").read_text())
+    assert "s1" in meta["consolidated_metadata"]["metadata"]
+
+    plain = zarr.open_group(path, mode="r")
+    assert plain.metadata.consolidated_metadata is not None
+    assert list(plain.group_keys()) == ["s1"] and plain["s1"].attrs["status"] == "done"
+
+    root = open_store(path)  # a consolidated store still opens, and new slides are seen
+    assert root.attrs["wsi_qc"]["auc"] == 0.7
+    write_slide(root, "s2", **slide_arrays(seed=2), attrs=attrs_for("fp2"))
+    consolidated_root = zarr.open_group(path, mode="r+")  # stale consolidated view, passed in by a caller
+    assert list_slides(consolidated_root) == {"s1": "done", "s2": "done"}
+    assert slide_done(consolidated_root, "s2", "fp2")
+    np.testing.assert_array_equal(read_slide(consolidated_root, "s2")["rl2"], slide_arrays(seed=2)["rl2"])
+
+    open_store(path, attrs={"auc": 0.8})  # a new run's root attrs drop the stale consolidation
+    assert json.loads((path / "zarr.json").read_text()).get("consolidated_metadata") is None
+    consolidate(path)
+    plain = zarr.open_group(path, mode="r")
+    assert sorted(plain.group_keys()) == ["s1", "s2"] and plain.attrs["wsi_qc"]["auc"] == 0.8

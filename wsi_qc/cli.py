@@ -1,0 +1,246 @@
+"""The `wsi-qc` command: the only place that parses arguments and configures logging.
+
+Exit codes: 0 success; 1 some slide failed (or a single slide could not be read); 2 bad config, input or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from wsi_qc import __version__
+from wsi_qc.config import load_config
+from wsi_qc.errors import SlideError, WSIQCError
+
+log = logging.getLogger("wsi_qc")
+
+
+def _config(args) -> dict:
+    overrides: dict = {}
+    if getattr(args, "mpp", None) is not None:
+        overrides.setdefault("slide", {})["mpp"] = args.mpp
+    for flag, section, key in (("tile_mpp", "tiles", "mpp"), ("size", "tiles", "size"),
+                               ("workers", "run", "workers"), ("scheduler", "run", "scheduler"),
+                               ("pattern", "run", "pattern")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    if getattr(args, "save_features", False):
+        overrides.setdefault("run", {})["save_features"] = True
+    return load_config(args.config, overrides=overrides)
+
+
+def cmd_tiles(args) -> int:
+    from wsi_qc.report import tiles_png
+    from wsi_qc.slide import Slide
+    from wsi_qc.tiles import tile_slide
+
+    config = _config(args)
+    with Slide(args.slide, mpp=config["slide"]["mpp"], mpp_fallback=config["slide"]["mpp_fallback"]) as slide:
+        thumbnail, thumbnail_mpp, tissue, tiles = tile_slide(slide, config)
+        out = Path(args.out or f"{slide.id}_tiles.png")
+        tiles_png(out, thumbnail, thumbnail_mpp, slide.mpp, tiles.coords,
+                  tiles.size * tiles.mpp / slide.mpp, title=f"{slide.id}: {len(tiles.coords)} tiles")
+        print(f"{slide.path.name}: {len(tiles.coords)} tiles of {tiles.size} px at {tiles.mpp} mpp "
+              f"(slide mpp {slide.mpp:.4g}, tissue {100 * tissue.mean():.1f} % of the thumbnail); grid drawn on {out}")
+    return 0
+
+
+def _features_of_inputs(inputs: list[str], encoder, config: dict) -> np.ndarray:
+    """Features of tile folders (directories) and slides (files), stacked."""
+    from wsi_qc.scorer import folder_features, slide_features
+    from wsi_qc.slide import Slide
+
+    parts = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            parts.append(folder_features(item, encoder, config)[1])
+        else:
+            s = config["slide"]
+            with Slide(item, mpp=s["mpp"], mpp_fallback=s["mpp_fallback"]) as slide:
+                parts.append(slide_features(slide, encoder, config)[-1])
+    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+
+
+def cmd_fit_reference(args) -> int:
+    from wsi_qc.scorer import Scorer, encoder_from_config
+
+    config = _config(args)
+    encoder = encoder_from_config(config)
+    features = _features_of_inputs(args.inputs, encoder, config)
+    scorer = Scorer.fit(features, encoder, config)
+    scorer.save(args.out)
+    hist = scorer.flow.history_
+    print(f"reference: {len(features)} tiles, features {features.shape[1]}-d -> latent {scorer.flow.mu_.shape[0]}-d; "
+          f"best validation NLL/dim {min(hist['val']):.4f} after {len(hist['val'])} epochs; scorer {args.out} "
+          f"(fingerprint {scorer.fingerprint})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from wsi_qc.scorer import Scorer, folder_features, slide_features
+    from wsi_qc.slide import Slide
+
+    config = _config(args)
+    scorer = Scorer.load(args.scorer, config)
+    item = Path(args.input)
+    if item.is_dir():
+        paths, features = folder_features(item, scorer.encoder, config)
+        keys = [{"path": str(p)} for p in paths]
+    else:
+        s = config["slide"]
+        with Slide(item, mpp=s["mpp"], mpp_fallback=s["mpp_fallback"]) as slide:
+            _, _, _, tiles, features = slide_features(slide, scorer.encoder, config)
+            keys = [{"slide": slide.id, "x": int(x), "y": int(y)} for x, y in tiles.coords]
+    scores = scorer.scores(features)
+    out = Path(args.out or f"{item.stem}_scores.csv")
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*keys[0], "rl2", "nll"] if keys else ["rl2", "nll"])
+        writer.writeheader()
+        for key, r, n in zip(keys, scores["rl2"], scores["nll"]):
+            writer.writerow({**key, "rl2": f"{r:.6f}", "nll": f"{n:.6f}"})
+    print(f"{len(keys)} tiles scored -> {out} (median rl2 {np.median(scores['rl2']):.4f})" if keys else "no tiles")
+    return 0
+
+
+def cmd_rl2(args) -> int:
+    from wsi_qc.rl2 import set_rl2_ci
+    from wsi_qc.scorer import Scorer, encoder_from_config, folder_features
+
+    config = _config(args)
+    if args.scorer:
+        scorer = Scorer.load(args.scorer, config)
+        encoder = scorer.encoder
+        real = folder_features(args.real, encoder, config)[1]
+    else:
+        encoder = encoder_from_config(config)
+        real = folder_features(args.real, encoder, config)[1]
+        scorer = Scorer.fit(real, encoder, config)
+    gen = folder_features(args.generated, encoder, config)[1]
+    value, lo, hi = set_rl2_ci(scorer.latent(real), scorer.latent(gen), n_bootstrap=args.bootstrap, rmse=args.rmse)
+    print(f"RL2 = {value:.4f} (95 % CI {lo:.4f} to {hi:.4f}; real {len(real)} tiles, generated {len(gen)} tiles)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from wsi_qc.calibrate import calibrate
+
+    config = _config(args)
+    calibrate(config, scorer_path=args.scorer, labels=args.labels, good=args.good, bad=args.bad, out=args.out,
+              roc=args.roc)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from wsi_qc.run import collect_slides, run_slides, write_run_report
+
+    config = _config(args)
+    out = Path(args.out)
+    report_dir = Path(args.report or out.with_name(out.name.removesuffix(".zarr") + "-report"))
+    paths = collect_slides(args.inputs, config["run"]["pattern"])
+    if not paths:
+        raise WSIQCError(f"no slides found in {', '.join(args.inputs)} (pattern {config['run']['pattern']}); "
+                         f"pass slide files, a folder or a CSV manifest")
+    rows = run_slides(paths, args.scorer, args.calibration, config, out, report_dir, force=args.force)
+    write_run_report(rows, out, report_dir)
+    failed = [r for r in rows if r["status"] == "failed"]
+    for r in rows:
+        print(f"{r['status']:>8}  {r['slide']}: {r['n_tiles']} tiles, kept {r['kept_pct']} %"
+              + (f"  ({r['error']})" if r["error"] else ""))
+    print(f"{len(rows) - len(failed)} of {len(rows)} slides done; store {out}; report {report_dir / 'report.html'}")
+    return 1 if failed else 0
+
+
+def cmd_encoders(args) -> int:
+    from wsi_qc.catalogue import catalogue_table
+
+    print(catalogue_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsi-qc", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"wsi-qc {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, mpp=True):
+        p.add_argument("--config", help="YAML file overriding configs/default.yaml")
+        if mpp:
+            p.add_argument("--mpp", type=float, help="level-0 mpp of the slides, overriding their metadata")
+        return p
+
+    p = common(sub.add_parser("tiles", help="tile one slide: print the count, draw the grid on its thumbnail"))
+    p.add_argument("slide")
+    p.add_argument("--tile-mpp", type=float, help="target mpp of the tiles (default tiles.mpp)")
+    p.add_argument("--size", type=int, help="tile side in px at the target mpp (default tiles.size)")
+    p.add_argument("--out", help="PNG to draw the grid on (default <slide>_tiles.png)")
+    p.set_defaults(func=cmd_tiles)
+
+    p = common(sub.add_parser("fit-reference", help="fit a scorer on known-good slides or folders of tiles"))
+    p.add_argument("inputs", nargs="+", help="slide files and/or folders of tile images")
+    p.add_argument("--out", required=True, help="scorer directory to write")
+    p.set_defaults(func=cmd_fit_reference)
+
+    p = common(sub.add_parser("score", help="rl2 of every tile of a slide or a folder of tiles -> CSV"))
+    p.add_argument("input")
+    p.add_argument("--scorer", required=True)
+    p.add_argument("--out", help="CSV to write (default <input>_scores.csv)")
+    p.set_defaults(func=cmd_score)
+
+    p = common(sub.add_parser("rl2", help="RL2 between a real and a generated folder of tiles"), mpp=False)
+    p.add_argument("real")
+    p.add_argument("generated")
+    p.add_argument("--scorer", help="a fitted scorer (default: fit the flow on the real set)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws for the 95 %% CI")
+    p.add_argument("--rmse", action="store_true", help="divide by sqrt(latent dim)")
+    p.set_defaults(func=cmd_rl2)
+
+    p = common(sub.add_parser("calibrate", help="fit the keep/discard threshold by ROC/AUC on labelled tiles"))
+    p.add_argument("--scorer", required=True)
+    p.add_argument("--labels", help="CSV with path,label (tile images) or slide,x,y,label (1 = bad)")
+    p.add_argument("--good", help="folder of good tiles (instead of --labels)")
+    p.add_argument("--bad", help="folder of bad tiles (instead of --labels)")
+    p.add_argument("--out", default="calibration.json")
+    p.add_argument("--roc", help="ROC plot PNG (default beside --out)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = common(sub.add_parser("run", help="QC slides into a zarr store with overlays and a report"))
+    p.add_argument("inputs", nargs="+", help="slide files, folders (searched recursively) or CSV manifests")
+    p.add_argument("--scorer", required=True)
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--out", default="qc.zarr", help="zarr store (created, or resumed)")
+    p.add_argument("--report", help="report folder (default <out>-report beside the store)")
+    p.add_argument("--workers", type=int, help="slides processed at once (run.workers)")
+    p.add_argument("--scheduler", help="tcp://HOST:PORT of a Dask scheduler, or 'local' (run.scheduler)")
+    p.add_argument("--pattern", help="comma-separated globs for folders (run.pattern)")
+    p.add_argument("--save-features", action="store_true", help="also store the features of every tile")
+    p.add_argument("--force", action="store_true", help="redo slides already done")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("encoders", help="list the encoder catalogue and which weights are available here")
+    p.set_defaults(func=cmd_encoders)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SlideError as exc:
+        print(f"wsi-qc: error: {exc}", file=sys.stderr)
+        return 1
+    except WSIQCError as exc:
+        print(f"wsi-qc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Configuration: configs/default.yaml overlaid with user YAML files and explicit overrides."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsi_qc.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def _read_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML ({exc}); fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a mapping of sections")
+    return data
+
+
+def _merge(base: dict, override: dict, source: str, prefix: str = "") -> dict:
+    """Deep-merge override into a copy of base; keys unknown to base are refused."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"unknown config key '{name}' in {source}; known keys here: {known}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{name}' in {source} must be a mapping, got {value!r}")
+            out[key] = _merge(base[key], value, source, name + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(*paths: str | Path | None, overrides: dict | None = None) -> dict[str, Any]:
+    """Defaults, then each YAML file in order (a pipeline file may name a base with `base:`), then overrides."""
+    config = _read_yaml(DEFAULT_CONFIG)
+    for path in paths:
+        if path is None:
+            continue
+        data = _read_yaml(Path(path))
+        base = data.pop("base", None)
+        if base is not None:
+            config = _merge(config, _read_yaml(Path(path).parent / base), str(base))
+        config = _merge(config, data, str(path))
+    if overrides:
+        config = _merge(config, overrides, "overrides")
+    return config
+
+
+def fingerprint(config: dict, sections: tuple[str, ...] | None = None) -> str:
+    """Short sha256 of the named sections (all when None), stable across key order."""
+    part = config if sections is None else {k: config[k] for k in sections}
+    blob = json.dumps(part, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,217 @@
+"""QC of many slides: one slide = one unit of work, in local worker processes or on a Dask cluster.
+
+Each slide is tiled, encoded, scored and thresholded, then written to the store (status "done" last)
+with its overlay PNG and GeoJSON. A slide that fails is recorded and the batch goes on; a rerun skips
+slides already done with the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from wsi_qc import __version__
+from wsi_qc.config import fingerprint
+from wsi_qc.errors import ConfigError
+from wsi_qc.report import (overlay_png, thumbnail_png, write_geojson, write_manifest, write_report_csv,
+                           write_report_html)
+from wsi_qc.scorer import Scorer, slide_features
+from wsi_qc.slide import Slide
+from wsi_qc.store import consolidate, open_store, read_slide, slide_done, slide_key, write_slide
+from wsi_qc.threshold import Threshold
+from wsi_qc.tiles import grid_image
+
+log = logging.getLogger(__name__)
+
+# Config sections that change a slide's result; a rerun redoes slides written under other values.
+RESULT_SECTIONS = ("slide", "tissue", "tiles", "encoder", "flow", "score")
+
+
+def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
+    """Slide files from files, folders (recursive, comma-separated globs) and CSV manifests (column `path`)."""
+    globs = [g.strip() for g in pattern.split(",") if g.strip()]
+    out: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted({p for g in globs for p in item.rglob(g) if p.is_file()})
+            if not found:
+                log.warning("%s holds no slides matching %s", item, pattern)
+            out.extend(found)
+        elif item.suffix.lower() == ".csv":
+            with item.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            if rows and "path" not in rows[0]:
+                raise ConfigError(f"manifest {item} has no 'path' column (columns: {', '.join(rows[0])}); "
+                                  f"add a column 'path' with one slide file per row")
+            out.extend((item.parent / r["path"]).resolve() if not Path(r["path"]).is_absolute() else Path(r["path"])
+                       for r in rows)
+        else:
+            out.append(item)  # missing or bad files fail per slide, with the error in the report
+    seen: dict[str, Path] = {}
+    for path in out:
+        key = slide_key(path.stem)
+        if key in seen and seen[key] != path:
+            raise ConfigError(f"two slides share the id {key!r}: {seen[key]} and {path}; rename one of them")
+        seen[key] = path
+    return out
+
+
+@lru_cache(maxsize=2)
+def _load(scorer_path: str, calibration_path: str, config_json: str) -> tuple[Scorer, Threshold]:
+    config = json.loads(config_json)
+    scorer = Scorer.load(scorer_path, config)
+    return scorer, Threshold.load(calibration_path, scorer.fingerprint)
+
+
+def check_inputs(scorer_path: str | Path, calibration_path: str | Path, config: dict) -> tuple[Scorer, Threshold]:
+    """Load scorer and calibration (cached per process); run_slides calls it before any slide."""
+    return _load(str(scorer_path), str(calibration_path), json.dumps(config, sort_keys=True))
+
+
+def run_fingerprint(config: dict, scorer: Scorer, threshold: Threshold) -> str:
+    return fingerprint({"config": {k: config[k] for k in RESULT_SECTIONS}, "scorer": scorer.fingerprint,
+                        "threshold": float(threshold.threshold_)})
+
+
+def _summary(slide_id: str, path: Path, attrs: dict, rl2: np.ndarray | None, status: str, seconds: float) -> dict:
+    row = {"slide": slide_id, "path": str(path), "status": status, "error": "", "traceback": "",
+           "n_tiles": attrs.get("n_tiles", 0), "n_keep": attrs.get("n_keep", 0), "kept_pct": np.nan,
+           "rl2_median": np.nan, "rl2_p95": np.nan, "seconds": round(seconds, 2)}
+    if row["n_tiles"]:
+        row["kept_pct"] = round(100.0 * row["n_keep"] / row["n_tiles"], 2)
+    if rl2 is not None and len(rl2):
+        row["rl2_median"] = float(np.median(rl2))
+        row["rl2_p95"] = float(np.percentile(rl2, 95))
+    return row
+
+
+def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | Path, config: dict,
+             out: str | Path, report_dir: str | Path, force: bool = False) -> dict:
+    """QC one slide into the store; returns its report row (status done / skipped / failed, never raises)."""
+    path, start = Path(path), time.perf_counter()
+    slide_id = slide_key(path.stem)
+    try:
+        scorer, threshold = check_inputs(scorer_path, calibration_path, config)
+        fp = run_fingerprint(config, scorer, threshold)
+        root = open_store(out)
+        if not force and slide_done(root, slide_id, fp):
+            found = read_slide(root, slide_id)
+            return _summary(slide_id, path, found["attrs"], found["rl2"], "skipped", time.perf_counter() - start)
+        timings = {}
+        s = config["slide"]
+        with Slide(path, mpp=s["mpp"], mpp_fallback=s["mpp_fallback"]) as slide:
+            t0 = time.perf_counter()
+            thumbnail, thumb_mpp, tissue, tiles, features = slide_features(slide, scorer.encoder, config)
+            timings["tile_and_encode_s"] = round(time.perf_counter() - t0, 3)
+            t0 = time.perf_counter()
+            rl2 = scorer.score(features).astype(np.float32)
+            keep = threshold.keep(rl2)
+            timings["score_s"] = round(time.perf_counter() - t0, 3)
+            grid = grid_image(tiles, np.where(keep, 1, 2).astype(np.uint8))
+            attrs = {"source": str(path.resolve()), "sha256_head": slide.sha256_head(), "mpp": slide.mpp,
+                     "tile_mpp": tiles.mpp, "tile_size": tiles.size, "thumbnail_mpp": thumb_mpp,
+                     "n_tiles": int(len(rl2)), "n_keep": int(keep.sum()), "threshold": float(threshold.threshold_),
+                     "score_kind": scorer.kind, "fingerprint": fp, "wsi_qc_version": __version__}
+            t0 = time.perf_counter()
+            if config["run"]["overlays"]:
+                report_dir = Path(report_dir)
+                size0 = tiles.size * tiles.mpp / slide.mpp
+                overlay_png(report_dir / "overlays" / f"{slide_id}.png", thumbnail, thumb_mpp, slide.mpp,
+                            tiles.coords, size0, keep, rl2, float(threshold.threshold_), slide_id=slide_id)
+                thumbnail_png(report_dir / "thumbnails" / f"{slide_id}.png", thumbnail)
+                write_geojson(report_dir / "geojson" / f"{slide_id}.geojson", tiles.coords, size0, keep, slide_id)
+            timings["report_s"] = round(time.perf_counter() - t0, 3)
+            timings["total_s"] = round(time.perf_counter() - start, 3)
+            attrs["timings"] = timings
+            write_slide(root, slide_id, coords=tiles.coords, rl2=rl2, keep=keep, grid=grid, tissue=tissue,
+                        attrs=attrs, features=features if config["run"]["save_features"] else None)
+        return _summary(slide_id, path, attrs, rl2, "done", time.perf_counter() - start)
+    except Exception as exc:  # one slide's failure never stops the batch
+        log.warning("slide %s failed: %s", path, exc)
+        row = _summary(slide_id, path, {}, None, "failed", time.perf_counter() - start)
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        row["traceback"] = traceback.format_exc()
+        return row
+
+
+def _no_reader_processes(config: dict) -> dict:
+    """Dask and pool workers read tiles in-process (daemonic workers cannot start reader processes)."""
+    return {**config, "tiles": {**config["tiles"], "workers": 0}}
+
+
+def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str | Path, config: dict,
+               out: str | Path, report_dir: str | Path, force: bool = False) -> list[dict]:
+    """QC every slide (local processes, or Dask when run.scheduler is set); returns one report row per slide."""
+    scorer, threshold = check_inputs(scorer_path, calibration_path, config)
+    open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
+                           "threshold": threshold.to_dict(), "auc": threshold.auc_})
+    run = config["run"]
+    args = (scorer_path, calibration_path)
+    rows: list[dict] = []
+    bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)
+    if run["scheduler"]:
+        from distributed import Client, LocalCluster, as_completed as dask_completed
+
+        cfg = _no_reader_processes(config)
+        if run["scheduler"] == "local":
+            cluster = LocalCluster(n_workers=run["workers"], threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+            client = Client(cluster)
+        else:
+            cluster, client = None, Client(run["scheduler"])
+        try:
+            futures = [client.submit(qc_slide, str(p), *args, cfg, str(out), str(report_dir), force, pure=False)
+                       for p in paths]
+            for fut in dask_completed(futures):
+                rows.append(fut.result())
+                bar.update()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    elif run["workers"] > 1:
+        cfg = _no_reader_processes(config)
+        with ProcessPoolExecutor(run["workers"], mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(qc_slide, p, *args, cfg, out, report_dir, force) for p in paths]
+            for fut in as_completed(futures):
+                rows.append(fut.result())
+                bar.update()
+    else:
+        for p in paths:
+            rows.append(qc_slide(p, *args, config, out, report_dir, force))
+            bar.update()
+    bar.close()
+    consolidate(out)
+    order = {str(p): i for i, p in enumerate(paths)}
+    return sorted(rows, key=lambda r: order.get(r["path"], 0))
+
+
+def write_run_report(rows: list[dict], out: str | Path, report_dir: str | Path) -> dict[str, Path]:
+    """report.csv, report.html (thumbnails and overlays embedded) and the manifest of kept tiles."""
+    report_dir = Path(report_dir)
+    root = open_store(out)
+    images, records = {}, []
+    for row in rows:
+        if row["status"] == "failed":
+            continue
+        slide_id = row["slide"]
+        images[slide_id] = {kind: report_dir / kind / f"{slide_id}.png" for kind in ("thumbnails", "overlays")
+                            if (report_dir / kind / f"{slide_id}.png").is_file()}
+        found = read_slide(root, slide_id)
+        records.append({"slide": slide_id, "path": row["path"], "coords": found["coords"], "keep": found["keep"],
+                        "rl2": found["rl2"], "mpp": found["attrs"]["tile_mpp"], "size": found["attrs"]["tile_size"]})
+    images = {k: {"thumbnail": v.get("thumbnails"), "overlay": v.get("overlays")} for k, v in images.items()}
+    csv_path = write_report_csv(report_dir / "report.csv", rows)
+    html_path = write_report_html(report_dir / "report.html", rows, images, title=f"wsi-qc report: {Path(out).name}")
+    manifest_csv, manifest_parquet = write_manifest(report_dir / "manifest", records)
+    return {"csv": csv_path, "html": html_path, "manifest_csv": manifest_csv, "manifest_parquet": manifest_parquet}
