@@ -9,7 +9,8 @@ slides and split three ways, each source tile used in one part only:
   kinds are assigned in turn so every kind gets the same number of source tiles.
 
 With `paired: true` the artifact source tiles are also written clean (label 0). Writes
-out/tiles/*.png and out/labels.csv (path,label,artifact,severity,split,source,slide,x,y; paths
+out/reference/*.png (clean tiles to fit the reference flow), out/calibration/*.png and
+out/labels.csv (path,label,artifact,severity,split,source,slide,x,y; paths
 relative to out/, x, y level-0 top-left) and out/summary.json.
 
     python -m pipelines.make_calibration_set --out out/calibration [--slides DIR] [--n-clean 300]
@@ -181,8 +182,8 @@ def build(paths: list[Path], config: dict, own: dict, out: Path, n_clean: int, s
                     total, len(slides), n_clean)
     chosen = np.sort(rng.choice(total, size=min(n_clean, total), replace=False))
     parts, kinds = assign(len(chosen), own, rng)
-    tiles_dir = out / "tiles"
-    tiles_dir.mkdir(parents=True, exist_ok=True)
+    for split in ("reference", "calibration"):
+        (out / split).mkdir(parents=True, exist_ok=True)
     rows, offset, source, per_slide = [], 0, 0, {}
     with tqdm(total=len(chosen), desc="source tiles", unit="tile", disable=None) as bar:
         for path, mpp, tiles in slides:
@@ -197,7 +198,7 @@ def build(paths: list[Path], config: dict, own: dict, out: Path, n_clean: int, s
                                                    slide_mpp=mpp):
                 for i, image in zip(index, images):
                     x, y = (int(v) for v in sub.coords[i])
-                    rows += _write_source(image, source, parts[source], kinds[source], own, seed, tiles_dir,
+                    rows += _write_source(image, source, parts[source], kinds[source], own, seed, out,
                                           f"{path.stem}_x{x}_y{y}", dict(slide=slide_name, x=x, y=y))
                     source += 1
                     bar.update()
@@ -225,20 +226,20 @@ def _relative(path: Path, out: Path) -> str:
 
 
 def _write_source(image: np.ndarray, source: int, part: str, kind: str | None, own: dict, seed: int,
-                  tiles_dir: Path, stem: str, where: dict) -> list[dict]:
-    """Write one source tile's PNG(s); return their label rows."""
+                  out: Path, stem: str, where: dict) -> list[dict]:
+    """Write one source tile's PNG(s) into out/reference/ or out/calibration/; return their label rows."""
     rows = []
     if part != "artifact" or own["paired"]:
-        name = f"{stem}.png"
-        Image.fromarray(image).save(tiles_dir / name)
-        rows.append(dict(path=f"tiles/{name}", label=0, artifact="", severity=0,
-                         split="reference" if part == "reference" else "calibration", source=source, **where))
+        split = "reference" if part == "reference" else "calibration"
+        name = f"{split}/{stem}.png"
+        Image.fromarray(image).save(out / name)
+        rows.append(dict(path=name, label=0, artifact="", severity=0, split=split, source=source, **where))
     if part == "artifact":
         for severity in own["severities"]:
             rng = np.random.default_rng([seed, source, severity])  # independent of the order tiles are read in
-            name = f"{stem}_{kind}{severity}.png"
-            Image.fromarray(make_artifact(image, kind, severity, rng)).save(tiles_dir / name)
-            rows.append(dict(path=f"tiles/{name}", label=1, artifact=kind, severity=severity, split="calibration",
+            name = f"calibration/{stem}_{kind}{severity}.png"
+            Image.fromarray(make_artifact(image, kind, severity, rng)).save(out / name)
+            rows.append(dict(path=name, label=1, artifact=kind, severity=severity, split="calibration",
                              source=source, **where))
     return rows
 
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"YAML with a {SECTION} section (and wsi-qc keys such as tiles.size)")
     parser.add_argument("--slides", nargs="+", help="slide files or folders (default: ../shared/data/slides, "
                                                     "else generated example slides)")
-    parser.add_argument("--out", required=True, help="folder for tiles/, labels.csv and summary.json")
+    parser.add_argument("--out", required=True, help="folder for reference/, calibration/, labels.csv and summary.json")
     parser.add_argument("--n-clean", type=int, help=f"override {SECTION}.n_clean (source tiles drawn)")
     parser.add_argument("--seed", type=int, help=f"override {SECTION}.seed")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.overwrite:
                 raise ConfigError(f"{out} already holds a calibration set (labels.csv); "
                                   f"pass --overwrite or another --out")
-            shutil.rmtree(out / "tiles", ignore_errors=True)
+            for split in ("reference", "calibration"):
+                shutil.rmtree(out / split, ignore_errors=True)
             (out / "labels.csv").unlink()
         out.mkdir(parents=True, exist_ok=True)
         paths = slide_paths(args.slides, own, config["run"]["pattern"], out)

@@ -11,6 +11,7 @@ import timm
 import torch
 import yaml
 
+from wsi_qc.encoder import resolve_model_kwargs
 from wsi_qc.catalogue import (
     CATALOGUE_DIR,
     catalogue_table,
@@ -18,7 +19,6 @@ from wsi_qc.catalogue import (
     feature_dim,
     hub_repo,
     load_catalogue,
-    resolve_model_kwargs,
     weights_available,
 )
 from wsi_qc.config import load_config

@@ -23,7 +23,7 @@ REQUIRED = {
     "mean": list, "std": list, "levels": list, "channels": list, "gated": bool, "model_kwargs": dict,
     "citation": str,
 }
-OPTIONAL = {"architecture": str, "notes": str}
+OPTIONAL = {"architecture": str, "notes": str, "class_token": bool}
 HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 WEIGHT_SUFFIXES = (".bin", ".pth", ".pt", ".safetensors", ".ckpt")
 # files timm reads from a hub repo, in the order it tries them
@@ -178,20 +178,6 @@ def weights_available(entry: dict) -> tuple[bool, str]:
     return False, "random weights (for plumbing tests only)"
 
 
-def resolve_model_kwargs(kwargs: dict) -> dict:
-    """timm create_model kwargs with dotted `*_layer` paths (e.g. timm.layers.SwiGLUPacked) imported."""
-    resolved = {}
-    for key, value in kwargs.items():
-        if key.endswith("_layer") and isinstance(value, str) and "." in value:
-            module, _, attr = value.rpartition(".")
-            try:
-                value = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as exc:
-                raise ConfigError(f"model_kwargs {key}: cannot import {value!r} ({exc}); use an importable path") from exc
-        resolved[key] = value
-    return resolved
-
-
 def _default_encoder_section() -> dict:
     from wsi_qc.config import load_config
 
@@ -227,13 +213,7 @@ def encoder_config(name: str, levels: list[int] | str | None = None, **overrides
         config["levels"] = list(levels)
     else:
         raise ConfigError(f"levels {levels!r} for encoder {name!r}: use None (catalogue), 'last' or a list of ints")
-    if entry["model_kwargs"]:
-        if "model_kwargs" not in section:
-            raise ConfigError(
-                f"catalogue encoder {name!r} needs timm model_kwargs {entry['model_kwargs']} that the encoder "
-                f"config section cannot carry (no encoder.model_kwargs key in configs/default.yaml)"
-            )
-        config["model_kwargs"] = dict(entry["model_kwargs"])
+    config["model_kwargs"] = dict(entry["model_kwargs"])
     return config
 
 
@@ -244,6 +224,8 @@ def feature_dim(entry: dict, levels: list[int] | None = None, pooling: str = "av
     missing = [lv for lv in levels if lv not in by_level]
     if missing:
         raise ConfigError(f"levels {missing} of encoder {entry['name']!r} have no channel count in the catalogue")
+    if entry.get("class_token"):  # ViT blocks give class token + mean of patch tokens
+        return 2 * sum(by_level[lv] for lv in levels)
     return (4 if pooling == "grid2" else 1) * sum(by_level[lv] for lv in levels)
 
 

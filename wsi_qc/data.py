@@ -70,7 +70,7 @@ def _tissue_field(shape: tuple[int, int], rng: np.random.Generator) -> tuple[np.
     label = np.zeros(shape, np.int16)
     centres: list[tuple[float, float, float]] = []
     for _ in range(int(rng.integers(4, 9))):
-        radius = side * rng.uniform(0.06, 0.11)
+        radius = side * rng.uniform(0.08, 0.14)
         for _ in range(50):  # rejection sampling keeps islands apart; an island that finds no room is dropped
             cy, cx = rng.uniform(1.6 * radius, gh - 1.6 * radius), rng.uniform(1.6 * radius, gw - 1.6 * radius)
             if all(np.hypot(cy - y, cx - x) > 1.8 * (radius + r) for y, x, r in centres):
@@ -109,7 +109,8 @@ def _level0_tiles(
         # one cell of margin on each side so every tile's bilinear upsampling sees its neighbours
         field, label = _tissue_field((rows * TILE // CELL + 2, cols * TILE // CELL + 2), rng)
         n = int(label.max()) + 1
-        src = rng.integers(0, len(textures), n)
+        weights = np.array([3.0 if name == "he" else 1.0 for name, _ in _stain_images()])  # mostly H&E
+        src = rng.choice(len(textures), n, p=weights / weights.sum())
         islands = np.stack([src, rng.integers(0, 1 << 20, n), rng.integers(0, 1 << 20, n)], axis=1)
     k = TILE // CELL
     for r in range(rows):

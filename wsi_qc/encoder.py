@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import importlib.resources
 import logging
 from pathlib import Path
@@ -135,6 +136,25 @@ def _check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, na
     return state
 
 
+def resolve_model_kwargs(kwargs: dict) -> dict:
+    """timm create_model kwargs with dotted `*_layer` paths (e.g. timm.layers.SwiGLUPacked) imported."""
+    resolved = {}
+    for key, value in kwargs.items():
+        if key.endswith("_layer") and isinstance(value, str) and "." in value:
+            module, _, attr = value.rpartition(".")
+            try:
+                value = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as exc:
+                raise ConfigError(f"model_kwargs {key}: cannot import {value!r} ({exc}); use an importable path") from exc
+        resolved[key] = value
+    return resolved
+
+
+def _is_token_model(model: torch.nn.Module) -> bool:
+    """A ViT-like timm model (class/register tokens before the patch tokens)."""
+    return getattr(model, "num_prefix_tokens", 0) > 0 and hasattr(model, "forward_intermediates")
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +193,7 @@ class Encoder:
         precision: str = "fp32",
         channels_last: bool = True,
         compile: bool = False,
+        model_kwargs: dict | None = None,
     ) -> None:
         check_model_name(name)
         _check_choice("pooling", pooling, POOLINGS)
@@ -185,15 +206,13 @@ class Encoder:
         self.precision = precision
         self.channels_last = channels_last
         self.compile = compile
+        self.model_kwargs = dict(model_kwargs or {})
 
         model, self.weights_sha256 = self._build()
+        self._tokens = self.levels is not None and _is_token_model(model)
         self.data_config = self._data_config(model)
         self.level_dims = self._level_dims(model)
-        if self.levels is not None:
-            self.dim = sum(self.level_dims)
-        else:
-            self.dim = (4 if pooling == "grid2" else 1) * model.num_features
-        self._output_nhwc = str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
+        self._output_nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"  # timm's Format is a str enum
 
         model = model.eval().requires_grad_(False).to(self.device)
         if channels_last:
@@ -203,15 +222,22 @@ class Encoder:
         cfg = self.data_config
         self._mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+        with torch.inference_mode():  # the feature width, whatever the head does
+            probe = torch.zeros(1, *cfg["input_size"], device=self.device)
+            self.dim = int(self._features(probe).shape[1])
         log.info("encoder %s (%s) dim=%d on %s", name, self.weights, self.dim, self.device)
 
     def _build(self) -> tuple[torch.nn.Module, str]:
         """Create the timm model with its weights; return it and the weights' identity."""
-        headless = {"num_classes": 0}
+        extra = resolve_model_kwargs(self.model_kwargs)
+        headless = {"num_classes": 0, **extra}
         if self.weights == "hub":
-            kwargs = {"features_only": True, "out_indices": tuple(self.levels)} if self.levels is not None else headless
+            kwargs = headless
             if self.levels is not None:
-                self._check_levels(timm.create_model(self.name, **headless))
+                probe = timm.create_model(self.name, **headless)
+                self._check_levels(probe)
+                if not _is_token_model(probe):
+                    kwargs = {"features_only": True, "out_indices": tuple(self.levels), **extra}
             try:
                 model = timm.create_model(self.name, pretrained=True, **kwargs)
             except Exception as err:  # network / hub client errors come in many types
@@ -237,7 +263,7 @@ class Encoder:
             state = _check_state_dict(read_weights(path, self.name), model, self.name, path)
             sha = sha256_file(path)
             log.info("weights %s (sha256 %s) loaded into %s", path, sha[:12], self.name)
-        if self.levels is None:
+        if self.levels is None or _is_token_model(model):
             if state is not None:
                 model.load_state_dict(state, strict=True)
             return model, sha
@@ -249,12 +275,13 @@ class Encoder:
             pretrained_cfg_overlay=overlay,
             features_only=True,
             out_indices=tuple(self.levels),
+            **extra,
         )
         features.pretrained_cfg.pop("state_dict", None)
         return features, sha
 
     def _check_levels(self, model: torch.nn.Module) -> None:
-        n = len(model.feature_info)
+        n = len(model.blocks) if _is_token_model(model) else len(model.feature_info)
         if not self.levels or len(set(self.levels)) != len(self.levels) or not all(0 <= i < n for i in self.levels):
             raise ConfigError(
                 f"encoder levels {self.levels} are not distinct stage indices of {self.name!r}, "
@@ -264,6 +291,8 @@ class Encoder:
     def _level_dims(self, model: torch.nn.Module) -> list[int] | None:
         if self.levels is None:
             return None
+        if self._tokens:  # class token + mean of patch tokens per block
+            return [2 * model.num_features] * len(self.levels)
         factor = 4 if self.pooling == "grid2" else 1
         return [factor * c for c in model.feature_info.channels()]
 
@@ -290,6 +319,7 @@ class Encoder:
             "data_config": self.data_config,
             "pooling": self.pooling,
             "levels": self.levels,
+            "model_kwargs": self.model_kwargs,
             "level_dims": self.level_dims,
             "dim": self.dim,
             "timm_version": timm.__version__,
@@ -306,10 +336,17 @@ class Encoder:
         return F.adaptive_avg_pool2d(fmap, 2 if self.pooling == "grid2" else 1).flatten(1)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if self._tokens:
+            blocks = self.model.forward_intermediates(x, indices=self.levels, return_prefix_tokens=True, norm=True,
+                                                      output_fmt="NCHW", intermediates_only=True)
+            return torch.cat([torch.cat([prefix[:, 0], fmap.mean((2, 3))], 1) for fmap, prefix in blocks], 1)
         if self.levels is not None:
             return torch.cat([self._pool(f) for f in self.model(x)], dim=1)
         if self.pooling == "avg":
-            return self.model(x)  # the model's own head pooling (global average for CNNs)
+            out = self.model(x)  # the model's own head pooling (global average for CNNs)
+            if out.ndim == 3:  # a ViT without head pooling (e.g. Virchow2): class token + mean of patch tokens
+                out = torch.cat([out[:, 0], out[:, self.model.num_prefix_tokens:].mean(1)], 1)
+            return out
         return self._pool(self.model.forward_features(x))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

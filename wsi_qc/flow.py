@@ -67,9 +67,10 @@ def _subnet(hidden: int):
     return make
 
 
-def _build_inn(dim: int, n_blocks: int, hidden: int, clamp: float, rng: np.random.Generator) -> Ff.SequenceINN:
-    """SequenceINN of AllInOneBlocks with soft permutations drawn from `rng` (FrEIA's own draw uses the
-    global numpy state and is slow above 512 dims, so the blocks get their rotations here)."""
+def _build_inn(dim: int, n_blocks: int, hidden: int, clamp: float,
+               rng: np.random.Generator | None) -> Ff.SequenceINN:
+    """SequenceINN of AllInOneBlocks with soft permutations (random rotations) drawn from `rng`; FrEIA's own
+    draw uses the global numpy state and is slow above 512 dims. rng=None leaves them to load_state_dict."""
     inn = Ff.SequenceINN(dim)
     np_state = np.random.get_state()  # hard permutations drawn by FrEIA are overwritten below
     try:
@@ -78,6 +79,8 @@ def _build_inn(dim: int, n_blocks: int, hidden: int, clamp: float, rng: np.rando
                        permute_soft=False)
     finally:
         np.random.set_state(np_state)
+    if rng is None:
+        return inn
     with torch.no_grad():
         for block in inn.module_list:
             q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
@@ -403,8 +406,8 @@ class Flow:
         flow.mean_, flow.scale_, flow.mu_ = (tensors[k].numpy() for k in ("mean", "scale", "mu"))
         flow.pca_ = tensors["pca"].numpy() if "pca" in tensors else None
         flow.pca_std_ = tensors["pca_std"].numpy() if "pca_std" in tensors else None
-        with torch.random.fork_rng(devices=[]):
-            inn = _build_inn(flow.latent_dim_, flow.n_blocks, flow.hidden, flow.clamp, np.random.default_rng(0))
+        with torch.random.fork_rng(devices=[]):  # subnet init draws are overwritten by the saved weights
+            inn = _build_inn(flow.latent_dim_, flow.n_blocks, flow.hidden, flow.clamp, None)
         inn.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("inn.")})
         flow.inn_ = inn.to(_resolve_device(device)).eval()
         flow.history_ = meta.get("history", {})

@@ -32,7 +32,8 @@ def encoder_from_config(config: dict) -> Encoder:
     """The frozen encoder the config's `encoder` section describes."""
     e = config["encoder"]
     return Encoder(e["name"], weights=e["weights"], pooling=e["pooling"], levels=e["levels"], device=e["device"],
-                   precision=e["precision"], channels_last=e["channels_last"], compile=e["compile"])
+                   precision=e["precision"], channels_last=e["channels_last"], compile=e["compile"],
+                   model_kwargs=e["model_kwargs"])
 
 
 def flow_from_config(config: dict) -> Flow:
