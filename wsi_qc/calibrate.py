@@ -47,7 +47,8 @@ def read_labels(labels: str | Path | None = None, good: str | Path | None = None
     where = table["path"] if "path" in table else table["slide"]
     missing = sorted({p for p in where if not Path(p).is_file()})
     if missing:
-        raise ConfigError(f"{len(missing)} labelled tiles name files that do not exist, e.g. {missing[0]}; "
+        raise ConfigError(f"{len(missing)} labelled tiles name files that do not exist: {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}; "
                           f"fix the paths (relative paths are read from the labels file's folder)")
     return table.reset_index(drop=True)
 

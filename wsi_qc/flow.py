@@ -45,6 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wsi_qc import __version__
+from wsi_qc.config import resolve_device
 from wsi_qc.errors import ConfigError, NotFittedError
 
 log = logging.getLogger(__name__)
@@ -89,14 +90,6 @@ def _build_inn(dim: int, n_blocks: int, hidden: int, clamp: float,
             block.w_perm.copy_(w.view(dim, dim))
             block.w_perm_inv.copy_(w.T.contiguous().view(dim, dim))
     return inn
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"flow device={device!r} but CUDA is not available here; use device='cpu' or 'auto'")
-    return torch.device(device)
 
 
 def _check_finite(features: np.ndarray, what: str) -> None:
@@ -220,8 +213,7 @@ class Flow:
         n, d = features.shape
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(n)
-        n_val = int(round(n * self.val_fraction))
-        n_val = min(n_val, n - 2)
+        n_val = min(int(round(n * self.val_fraction)), n - 2)
         train, val = features[order[n_val:]], features[order[:n_val]]
 
         self.feature_dim_ = d
@@ -238,7 +230,7 @@ class Flow:
         log.info("fitting flow on %d reference tiles (%d held out), features %d-d -> latent %d-d",
                  len(train), len(val), d, self.latent_dim_)
 
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device, "flow")
         devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
@@ -409,6 +401,6 @@ class Flow:
         with torch.random.fork_rng(devices=[]):  # subnet init draws are overwritten by the saved weights
             inn = _build_inn(flow.latent_dim_, flow.n_blocks, flow.hidden, flow.clamp, None)
         inn.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("inn.")})
-        flow.inn_ = inn.to(_resolve_device(device)).eval()
+        flow.inn_ = inn.to(resolve_device(device, "flow")).eval()
         flow.history_ = meta.get("history", {})
         return flow, meta

@@ -155,7 +155,7 @@ class Scorer:
     def load(cls, path: str | Path, config: dict) -> "Scorer":
         """Load a saved scorer; a config that disagrees on encoder, pooling, levels, tile mpp or size is refused."""
         path = Path(path)
-        flow, meta = Flow.load(path)
+        flow, meta = Flow.load(path, device=config["flow"]["device"])
         bound = meta.get("bound", {})
         for key in BOUND_KEYS:
             want = _config_value(config, key)
