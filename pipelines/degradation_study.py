@@ -1,9 +1,18 @@
-"""The paper's RL2 studies on real tissue tiles: monotonicity under five degradations, sample-size stability.
+"""The paper's RL2 studies on tissue tiles: monotonicity under five degradations, sample-size stability.
 
-For every kind and level, RL2 (flow fitted on set A) and the Fréchet distance (FID's formula, same
-features) are computed between clean set A and degraded set B; Spearman's rho of each metric with the
-level says whether it is monotonic. Stability: coefficient of variation of both metrics over random
-draws of n tiles per set. Writes study.md (tables), study.json and PNG plots into --out.
+Tiles come from the slides in ../shared/data/slides when present (or study.slides), topped up with
+generated example slides (cached under --out) until the pool holds study.min_tiles; the pool is shuffled
+and split in halves: set A (the reference the flow is fitted on) and set B (held-out tissue).
+
+- Monotonicity: RL2(A, B degraded) (flow fitted once on A) and the Fréchet distance (FID's formula on
+  the same encoder features) for every degradation kind and level; Spearman's rho of each metric with
+  the level (1.0 = monotonic increase). The same n_degraded tiles of B are degraded at every level.
+- Stability: both metrics between n tiles drawn from A and n from B (clean, or degraded), repeated
+  stability_draws times; coefficient of variation (std / mean) per n. Draws are bootstrap draws (with
+  replacement) from the pools by default, so n may approach the pool size without shrinking the spread.
+
+Features are cached per set in --out/features/<key>/ (key = tile pixels + encoder identity), so a rerun
+only fits the flow and recomputes the metrics. Writes study.md (tables), study.json and PNG plots.
 
     python -m pipelines.degradation_study --out out/degradation [--config configs/degradation_study.yaml]
 """
@@ -11,9 +20,11 @@ draws of n tiles per set. Writes study.md (tables), study.json and PNG plots int
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +34,8 @@ from scipy.stats import spearmanr
 from wsi_qc.artifacts import LEVELS, degrade
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
+from wsi_qc.encoder import Encoder
+from wsi_qc.errors import ConfigError
 from wsi_qc.rl2 import frechet_distance, set_rl2
 from wsi_qc.scorer import Scorer, batches, encode, encoder_from_config
 from wsi_qc.slide import Slide
@@ -32,182 +45,345 @@ log = logging.getLogger("pipelines.degradation_study")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SLIDES = ROOT.parent / "shared" / "data" / "slides"
 DEFAULT_CONFIG = ROOT / "configs" / "degradation_study.yaml"
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn")
+CLEAN = "clean"  # stability case without degradation
 
+STUDY_DEFAULTS = {
+    "slides": None, "slide_mpp": {}, "min_tiles": 3000, "max_tiles": 3000,
+    "example_slides": {"max": 10, "size": 8192, "mpp": 0.5},
+    "levels": None, "n_degraded": 250,
+    "stability_sizes": [50, 100, 300, 1000], "stability_draws": 30, "stability_replace": True,
+    "stability_cases": [["blur", 2], [CLEAN, 0]], "seed": 0,
+}
+
+
+# ---- configuration -----------------------------------------------------------------------------
 
 def split_config(path: Path) -> tuple[dict, dict]:
-    """(wsi-qc config, study section) of a study YAML."""
+    """(wsi-qc config, study section with defaults filled in) of a study YAML."""
     data = yaml.safe_load(Path(path).read_text()) or {}
-    study = data.pop("study", {})
-    return load_config(overrides=data), study
+    study = data.pop("study", None) or {}
+    unknown = sorted(set(study) - set(STUDY_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown study key(s) {', '.join(unknown)}; known: {', '.join(STUDY_DEFAULTS)}")
+    return load_config(overrides=data), {**STUDY_DEFAULTS, **study}
 
 
-def study_slides(study: dict, out: Path) -> list[tuple[Path, float | None]]:
-    """(slide path, mpp override) pairs: configured, shared real slides, or generated examples."""
-    if study.get("slides"):
-        paths = [p for s in study["slides"] for p in (sorted(Path(s).iterdir()) if Path(s).is_dir() else [Path(s)])]
-    elif SHARED_SLIDES.is_dir():
-        paths = sorted(SHARED_SLIDES.iterdir())
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [write_example_slide(out / f"example-{i}.tif", size=(6144, 6144), seed=i) for i in range(3)]
-    overrides = study.get("slide_mpp") or {}
-    return [(p, overrides.get(p.name)) for p in paths]
+def study_levels(study: dict) -> dict[str, list[float]]:
+    """Levels per kind: study.levels (kind -> values, increasing) or wsi_qc.artifacts.LEVELS."""
+    levels = study["levels"] or LEVELS
+    for kind, values in levels.items():
+        if kind not in LEVELS:
+            raise ConfigError(f"study.levels names unknown degradation {kind!r}; use some of {', '.join(LEVELS)}")
+        if list(values) != sorted(set(values)) or len(values) < 2:
+            raise ConfigError(f"study.levels.{kind}={list(values)} must hold at least 2 increasing values")
+    return {kind: [float(v) for v in values] for kind, values in levels.items()}
 
 
-def real_tiles(slides: list[tuple[Path, float | None]], config: dict) -> tuple[np.ndarray, list[str]]:
-    """All tissue tiles of the slides that open, uint8 (N, size, size, 3); unreadable slides are skipped."""
-    parts, used = [], []
-    for path, mpp in slides:
+# ---- tiles -------------------------------------------------------------------------------------
+
+def spearman(levels, values) -> float:
+    """Spearman's rank correlation of values with levels (1.0 = strictly increasing); nan if values are constant."""
+    if len(set(map(float, values))) < 2:
+        return float("nan")
+    return float(spearmanr(levels, values).statistic)
+
+
+def _slide_paths(study: dict) -> list[Path]:
+    sources = study["slides"] or ([SHARED_SLIDES] if SHARED_SLIDES.is_dir() else [])
+    paths = []
+    for s in map(Path, sources):
+        paths += sorted(p for p in s.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES) if s.is_dir() else [s]
+    return paths
+
+
+def _read_tiles(path: Path, mpp: float | None, config: dict) -> np.ndarray:
+    with Slide(path, mpp=mpp) as slide:
+        tiles = tile_slide(slide, config)[-1]
+        images = np.zeros((len(tiles.coords), tiles.size, tiles.size, 3), np.uint8)
+        for index, batch in iter_tile_batches(slide.path, tiles, batch_size=64, workers=0, slide_mpp=slide.mpp):
+            images[index] = batch
+    return images
+
+
+def collect_tiles(study: dict, config: dict, out: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(tiles uint8 (N, size, size, 3), source index per tile (N,), sources) of the study's slides.
+
+    Slides that cannot be opened or hold no tissue tile are listed with the reason and skipped; generated
+    example slides (cached in out/slides) are added while the pool holds fewer than study.min_tiles.
+    """
+    parts, sources = [], []
+    overrides = study["slide_mpp"] or {}
+    for path in _slide_paths(study):
         try:
-            with Slide(path, mpp=mpp) as slide:
-                tiles = tile_slide(slide, config)[-1]
-                images = np.zeros((len(tiles.coords), tiles.size, tiles.size, 3), np.uint8)
-                for index, batch in iter_tile_batches(slide.path, tiles, batch_size=64, workers=0, slide_mpp=slide.mpp):
-                    images[index] = batch
-        except Exception as exc:  # a study over what is readable: report and go on
+            images = _read_tiles(path, overrides.get(path.name), config)
+        except Exception as exc:  # a study over what is readable: record why and go on
             log.warning("skipping %s: %s", path.name, exc)
+            sources.append({"slide": path.name, "origin": "real", "tiles": 0, "skipped": str(exc)})
             continue
         parts.append(images)
-        used.append(f"{path.name} ({len(images)} tiles)")
+        sources.append({"slide": path.name, "origin": "real", "tiles": len(images),
+                        "mpp": overrides.get(path.name, "metadata")})
+    ex = study["example_slides"]
+    for seed in range(int(ex["max"])):
+        if sum(map(len, parts)) >= study["min_tiles"]:
+            break
+        path = out / "slides" / f"example-{ex['size']}px-{ex['mpp']}mpp-seed{seed}.tif"
+        if not path.is_file():
+            write_example_slide(path, size=(ex["size"], ex["size"]), mpp=ex["mpp"], seed=seed)
+        images = _read_tiles(path, None, config)
+        parts.append(images)
+        sources.append({"slide": path.name, "origin": "generated", "tiles": len(images), "mpp": ex["mpp"]})
     if not parts:
-        raise SystemExit("no readable slide gave tiles; pass study.slides")
-    return np.concatenate(parts), used
+        raise ConfigError("no slide gave tissue tiles; set study.slides or study.example_slides.max > 0")
+    used = [i for i, s in enumerate(sources) if s["tiles"]]
+    index = np.concatenate([np.full(len(p), i, np.int32) for i, p in zip(used, parts)])
+    return np.concatenate(parts), index, sources
 
 
-def monotonicity(features_a, latent_a, encoder, scorer, images_b, rng, batch_size) -> dict:
-    """RL2 and Fréchet distance between A and degraded B for every kind and level."""
+# ---- features ----------------------------------------------------------------------------------
+
+class FeatureCache:
+    """Encoder features of named tile sets, cached as npz files in one folder per (tiles, encoder) key."""
+
+    def __init__(self, root: Path, encoder: Encoder, images: list[np.ndarray], batch_size: int):
+        h = hashlib.sha256(json.dumps({**encoder.meta(), "precision": encoder.precision}, sort_keys=True).encode())
+        for x in images:
+            h.update(np.ascontiguousarray(x).data)
+        self.folder = Path(root) / h.hexdigest()[:16]
+        self.encoder, self.batch_size = encoder, batch_size
+        self.hits = self.misses = 0
+
+    def get(self, name: str, make_images) -> np.ndarray:
+        """Features of the set `name`; `make_images()` builds its tiles only on a cache miss."""
+        path = self.folder / f"{name}.npz"
+        if path.is_file():
+            self.hits += 1
+            return np.load(path)["features"]
+        self.misses += 1
+        images = make_images()
+        features = encode(self.encoder, batches(images, self.batch_size), len(images), desc=name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        np.savez(path.with_suffix(".tmp.npz"), features=features)
+        path.with_suffix(".tmp.npz").replace(path)
+        return features
+
+
+def _degraded(images: np.ndarray, kind: str, level: float, seed: int) -> np.ndarray:
+    """images degraded by (kind, level), with a generator fixed by (seed, kind, level) so caches stay valid."""
+    if kind == CLEAN or level == 0:
+        return images
+    rng = np.random.default_rng([seed, list(LEVELS).index(kind), int(round(level * 1000))])
+    return degrade(images, kind, level, rng)
+
+
+# ---- the two studies ---------------------------------------------------------------------------
+
+def monotonicity(features_a: np.ndarray, latent_a: np.ndarray, scorer: Scorer, cache: FeatureCache,
+                 subset_b: np.ndarray, clean_b: np.ndarray, levels: dict[str, list[float]], seed: int) -> dict:
+    """RL2(A, degraded B) and FD(A, degraded B) at every level of every kind, with Spearman's rho."""
     rows = {}
-    for kind, levels in LEVELS.items():
+    for kind, values in levels.items():
         rl2, fd = [], []
-        for level in levels:
-            degraded = degrade(images_b, kind, level, np.random.default_rng(rng.integers(1 << 31)))
-            feats = encode(encoder, batches(degraded, batch_size), len(degraded), desc=f"{kind} {level}")
+        for level in values:
+            if level == 0:
+                feats = clean_b
+            else:
+                feats = cache.get(f"mono-n{len(subset_b)}-seed{seed}-{kind}-{level:g}",
+                                  lambda: _degraded(subset_b, kind, level, seed))
             rl2.append(set_rl2(latent_a, scorer.latent(feats)))
             fd.append(frechet_distance(features_a, feats))
-            log.info("%s level %s: RL2 %.4f FD %.2f", kind, level, rl2[-1], fd[-1])
-        rows[kind] = {"levels": list(map(float, levels)), "rl2": rl2, "fd": fd,
-                      "rl2_spearman": float(spearmanr(levels, rl2).statistic),
-                      "fd_spearman": float(spearmanr(levels, fd).statistic)}
+            log.info("%s %g: RL2 %.4f FD %.2f", kind, level, rl2[-1], fd[-1])
+        rows[kind] = {"levels": values, "rl2": rl2, "fd": fd,
+                      "rl2_spearman": spearman(values, rl2), "fd_spearman": spearman(values, fd)}
     return rows
 
 
-def stability(features_a, features_b, scorer, sizes, draws, rng) -> dict:
-    """Coefficient of variation of RL2 and FD over random draws of n tiles from each set (without replacement)."""
-    za, zb = scorer.latent(features_a), scorer.latent(features_b)
+def stability(features_a: np.ndarray, latent_a: np.ndarray, features_b: np.ndarray, latent_b: np.ndarray,
+              sizes: list[int], draws: int, replace: bool, rng: np.random.Generator) -> dict:
+    """Mean and coefficient of variation of RL2 and FD over `draws` random draws of n tiles from each set."""
     out = {}
     for n in sizes:
         if n > min(len(features_a), len(features_b)):
+            log.warning("stability n=%d skipped: the pools hold %d and %d tiles", n, len(features_a), len(features_b))
             continue
         rl2, fd = [], []
         for _ in range(draws):
-            ia = rng.choice(len(features_a), n, replace=False)
-            ib = rng.choice(len(features_b), n, replace=False)
-            rl2.append(set_rl2(za[ia], zb[ib]))
+            ia = rng.choice(len(features_a), n, replace=replace)
+            ib = rng.choice(len(features_b), n, replace=replace)
+            rl2.append(set_rl2(latent_a[ia], latent_b[ib]))
             fd.append(frechet_distance(features_a[ia], features_b[ib]))
-        out[n] = {"rl2_mean": float(np.mean(rl2)), "rl2_cv": float(np.std(rl2) / np.mean(rl2)),
-                  "fd_mean": float(np.mean(fd)), "fd_cv": float(np.std(fd) / np.mean(fd))}
+        out[n] = {"rl2_mean": float(np.mean(rl2)), "rl2_cv": float(np.std(rl2, ddof=1) / np.mean(rl2)),
+                  "fd_mean": float(np.mean(fd)), "fd_cv": float(np.std(fd, ddof=1) / np.mean(fd))}
+        log.info("stability n=%d: RL2 CV %.2f %%, FD CV %.2f %%", n, 100 * out[n]["rl2_cv"], 100 * out[n]["fd_cv"])
     return out
 
 
+def run_study(config: dict, study: dict, out: Path, encoder: Encoder | None = None) -> dict:
+    """Both studies with one encoder; returns the result dict that markdown() and plots() render."""
+    start = time.perf_counter()
+    seed = int(study["seed"])
+    levels = study_levels(study)
+    images, source_index, sources = collect_tiles(study, config, out)
+    order = np.random.default_rng(seed).permutation(len(images))[: study["max_tiles"]]
+    half = len(order) // 2
+    ia, ib = order[:half], order[half:]
+    images_a, images_b = images[ia], images[ib]
+    for name, idx in (("in_a", ia), ("in_b", ib)):
+        counts = Counter(source_index[idx].tolist())
+        for i, s in enumerate(sources):
+            s[name] = counts.get(i, 0)
+    n_degraded = min(int(study["n_degraded"]), len(images_b))
+
+    encoder = encoder or encoder_from_config(config)
+    cache = FeatureCache(out / "features", encoder, [images_a, images_b], config["tiles"]["batch_size"])
+    features_a = cache.get("A", lambda: images_a)
+    features_b = cache.get("B", lambda: images_b)
+    scorer = Scorer.fit(features_a, encoder, config)
+    latent_a = scorer.latent(features_a)
+    flow = scorer.flow
+    flow_info = {"latent_dim": int(flow.latent_dim_), "feature_dim": int(flow.feature_dim_),
+                 "pca": flow.pca_ is not None, "epochs_run": len(flow.history_["val"]),
+                 "best_epoch": int(flow.history_["best_epoch"]),
+                 "val_nll": float(flow.history_["val"][flow.history_["best_epoch"]])}
+
+    mono = monotonicity(features_a, latent_a, scorer, cache, images_b[:n_degraded], features_b[:n_degraded],
+                        levels, seed)
+    stab = []
+    for kind, level in study["stability_cases"]:
+        if kind != CLEAN and kind not in LEVELS:
+            raise ConfigError(f"study.stability_cases names unknown degradation {kind!r}; use {CLEAN} or one of "
+                              f"{', '.join(LEVELS)}")
+        level = 0.0 if kind == CLEAN else float(level)
+        feats_b = features_b if kind == CLEAN else cache.get(
+            f"B-seed{seed}-{kind}-{level:g}", lambda: _degraded(images_b, kind, level, seed))
+        latent_b = scorer.latent(feats_b)
+        rows = stability(features_a, latent_a, feats_b, latent_b, study["stability_sizes"],
+                         int(study["stability_draws"]), bool(study["stability_replace"]),
+                         np.random.default_rng([seed, len(stab)]))
+        stab.append({"kind": kind, "level": level, "rl2_full": set_rl2(latent_a, latent_b),
+                     "fd_full": frechet_distance(features_a, feats_b), "sizes": rows})
+    return {"encoder": {"name": encoder.name, "weights": encoder.weights, "precision": encoder.precision,
+                        "dim": encoder.dim},
+            "tile_size": config["tiles"]["size"], "tile_mpp": config["tiles"]["mpp"],
+            "tile_overlap": config["tiles"]["overlap"], "sources": sources, "n_pool": len(images),
+            "n_a": len(images_a), "n_b": len(images_b), "n_degraded": n_degraded, "flow": flow_info,
+            "monotonicity": mono, "stability_draws": int(study["stability_draws"]),
+            "stability_replace": bool(study["stability_replace"]), "stability": stab,
+            "cache": {"folder": str(cache.folder), "hits": cache.hits, "misses": cache.misses},
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def _fmt(values, spec: str) -> str:
+    return ", ".join(format(v, spec) for v in values)
+
+
+def _case_name(case: dict) -> str:
+    return "clean B (same tissue, other tiles)" if case["kind"] == CLEAN else f"B degraded by {case['kind']} {case['level']:g}"
+
+
 def markdown(result: dict) -> str:
-    lines = [f"# RL2 degradation study ({result['encoder']})", "",
-             f"Tiles: {result['n_a']} reference (set A), {result['n_b']} degraded (set B) from "
-             f"{', '.join(result['slides'])}; {result['tile_size']} px at {result['tile_mpp']} mpp.", "",
-             "## Monotonicity (Spearman's rho of the metric with the level; 1.0 = monotonic)", "",
-             "| kind | levels | RL2 values | RL2 rho | FD values | FD rho |", "|---|---|---|---|---|---|"]
+    e, f = result["encoder"], result["flow"]
+    lines = [f"# RL2 degradation study ({e['name']}, {e['weights']}, {e['precision']})", "",
+             f"{result['tile_size']} px tiles at {result['tile_mpp']} mpp (overlap {result['tile_overlap']} px); "
+             f"pool {result['n_pool']} tiles, shuffled and split into set A ({result['n_a']}, the reference the flow "
+             f"is fitted on) and set B ({result['n_b']}, held out). Flow: {f['feature_dim']}-d features -> "
+             f"{f['latent_dim']}-d latent ({'PCA' if f['pca'] else 'no PCA'}), best epoch {f['best_epoch']} of "
+             f"{f['epochs_run']}, validation NLL/dim {f['val_nll']:.3f}.", "",
+             "## Tiles", "", "| slide | origin | tiles | in A | in B | note |", "|---|---|---|---|---|---|"]
+    for s in result["sources"]:
+        note = f"skipped: {s['skipped']}" if "skipped" in s else f"level-0 mpp {s['mpp']}"
+        lines.append(f"| {s['slide']} | {s['origin']} | {s['tiles']} | {s.get('in_a', 0)} | {s.get('in_b', 0)} | "
+                     f"{note.replace('|', '/')} |")
+    lines += ["", f"## Monotonicity: A vs the same {result['n_degraded']} tiles of B at every level", "",
+              "Spearman's rho of the metric with the level (1.0 = monotonic increase).", "",
+              "| kind | levels | RL2 | RL2 rho | Fréchet distance | FD rho |", "|---|---|---|---|---|---|"]
     for kind, r in result["monotonicity"].items():
-        lines.append(f"| {kind} | {', '.join(f'{v:g}' for v in r['levels'])} | "
-                     f"{', '.join(f'{v:.3f}' for v in r['rl2'])} | {r['rl2_spearman']:.3f} | "
-                     f"{', '.join(f'{v:.1f}' for v in r['fd'])} | {r['fd_spearman']:.3f} |")
-    s = result["stability_case"]
-    lines += ["", f"## Sample-size stability (A vs B degraded by {s['kind']} level {s['level']}, "
-              f"{result['stability_draws']} draws per n)", "",
-              "| n | RL2 mean | RL2 CV % | FD mean | FD CV % |", "|---|---|---|---|---|"]
-    for n, r in result["stability"].items():
-        lines.append(f"| {n} | {r['rl2_mean']:.4f} | {100 * r['rl2_cv']:.2f} | {r['fd_mean']:.2f} | "
-                     f"{100 * r['fd_cv']:.2f} |")
+        lines.append(f"| {kind} | {_fmt(r['levels'], 'g')} | {_fmt(r['rl2'], '.3f')} | {r['rl2_spearman']:.3f} | "
+                     f"{_fmt(r['fd'], '.1f')} | {r['fd_spearman']:.3f} |")
+    how = ("bootstrap draws (with replacement) of n tiles from each pool" if result["stability_replace"]
+           else "draws without replacement of n tiles from each pool")
+    lines += ["", "## Sample-size stability", "",
+              f"{result['stability_draws']} {how} (A: {result['n_a']} tiles, B: {result['n_b']}); "
+              f"CV = std / mean over the draws; flow fitted once on all of A."]
+    for case in result["stability"]:
+        lines += ["", f"### A vs {_case_name(case)} (all tiles: RL2 {case['rl2_full']:.4f}, FD {case['fd_full']:.2f})",
+                  "", "| n | RL2 mean | RL2 CV % | FD mean | FD CV % |", "|---|---|---|---|---|"]
+        for n, r in case["sizes"].items():
+            lines.append(f"| {n} | {r['rl2_mean']:.4f} | {100 * r['rl2_cv']:.2f} | {r['fd_mean']:.2f} | "
+                         f"{100 * r['fd_cv']:.2f} |")
+    lines += ["", f"Run time {result['seconds']} s; feature cache {result['cache']['folder']} "
+              f"({result['cache']['hits']} sets reused, {result['cache']['misses']} encoded)."]
     return "\n".join(lines) + "\n"
 
 
-def plots(result: dict, out: Path) -> None:
+def plots(result: dict, out: Path) -> list[Path]:
+    """monotonicity.png (metric vs level per kind) and stability.png (CV vs n per case)."""
     from matplotlib.figure import Figure
 
     kinds = list(result["monotonicity"])
-    fig = Figure(figsize=(4 * len(kinds), 3.4))
+    fig = Figure(figsize=(3.6 * len(kinds), 3.4))
     for i, kind in enumerate(kinds):
         r = result["monotonicity"][kind]
         ax = fig.add_subplot(1, len(kinds), i + 1)
-        ax.plot(r["levels"], r["rl2"], "o-", color="C0", label="RL2")
-        ax.set_title(kind)
+        ax.plot(r["levels"], r["rl2"], "o-", color="C0")
+        ax.set_title(f"{kind}\nrho RL2 {r['rl2_spearman']:.2f}, FD {r['fd_spearman']:.2f}", fontsize=9)
         ax.set_xlabel("level")
         ax.set_ylabel("RL2", color="C0")
         ax2 = ax.twinx()
-        ax2.plot(r["levels"], r["fd"], "s--", color="C1", label="FD")
+        ax2.plot(r["levels"], r["fd"], "s--", color="C1")
         ax2.set_ylabel("Fréchet distance", color="C1")
     fig.tight_layout()
-    fig.savefig(out / "monotonicity.png", dpi=110)
-    fig = Figure(figsize=(5, 3.6))
-    ax = fig.add_subplot()
-    ns = list(result["stability"])
-    ax.plot(ns, [100 * result["stability"][n]["rl2_cv"] for n in ns], "o-", label="RL2")
-    ax.plot(ns, [100 * result["stability"][n]["fd_cv"] for n in ns], "s--", label="Fréchet distance")
-    ax.axhline(5, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("tiles per set (n)")
-    ax.set_ylabel("coefficient of variation %")
-    ax.set_xscale("log")
-    ax.legend()
+    paths = [out / "monotonicity.png"]
+    fig.savefig(paths[-1], dpi=100)
+
+    cases = result["stability"]
+    fig = Figure(figsize=(4.6 * max(1, len(cases)), 3.6))
+    for i, case in enumerate(cases):
+        ax = fig.add_subplot(1, max(1, len(cases)), i + 1)
+        ns = list(case["sizes"])
+        ax.plot(ns, [100 * case["sizes"][n]["rl2_cv"] for n in ns], "o-", label="RL2")
+        ax.plot(ns, [100 * case["sizes"][n]["fd_cv"] for n in ns], "s--", label="Fréchet distance")
+        ax.axhline(5, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"A vs {_case_name(case)}", fontsize=9)
+        ax.set_xlabel("tiles per set (n)")
+        ax.set_ylabel("coefficient of variation %")
+        ax.set_xscale("log")
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "stability.png", dpi=110)
+    paths.append(out / "stability.png")
+    fig.savefig(paths[-1], dpi=100)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="study YAML (wsi-qc keys + a study section)")
-    parser.add_argument("--out", default="out/degradation", help="folder for study.md, study.json and plots")
+    parser.add_argument("--out", default="out/degradation", help="folder for study.md, study.json, plots and caches")
     parser.add_argument("--encoder", help="override encoder.name (with --weights)")
     parser.add_argument("--weights", help="override encoder.weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config, study = split_config(Path(args.config))
-    if args.encoder:
-        config["encoder"]["name"] = args.encoder
-    if args.weights:
-        config["encoder"]["weights"] = args.weights
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = run_study(config, study, out)
-    (out / "study.json").write_text(json.dumps(result, indent=2))
+    try:
+        config, study = split_config(Path(args.config))
+        if args.encoder:
+            config["encoder"]["name"] = args.encoder
+        if args.weights:
+            config["encoder"]["weights"] = args.weights
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = run_study(config, study, out)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    (out / "study.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "study.md").write_text(markdown(result))
-    plots(result, out)
+    paths = plots(result, out)
     print(markdown(result))
-    print(f"-> {out / 'study.md'}, {out / 'monotonicity.png'}, {out / 'stability.png'}")
+    print(f"-> {out / 'study.md'}, {out / 'study.json'}, {', '.join(map(str, paths))}")
     return 0
-
-
-def run_study(config: dict, study: dict, out: Path, encoder=None) -> dict:
-    """Both studies with one encoder; returns the result dict that markdown() and plots() render."""
-    rng = np.random.default_rng(study["seed"])
-    start = time.perf_counter()
-    images, used = real_tiles(study_slides(study, out / "slides"), config)
-    images = images[rng.permutation(len(images))[: study["max_tiles"]]]
-    half = len(images) // 2
-    images_a, images_b = images[:half], images[half:]
-    encoder = encoder or encoder_from_config(config)
-    bs = config["tiles"]["batch_size"]
-    features_a = encode(encoder, batches(images_a, bs), len(images_a), desc="set A")
-    scorer = Scorer.fit(features_a, encoder, config)
-    latent_a = scorer.latent(features_a)
-    subset_b = images_b[: study["n_degraded"]]
-    mono = monotonicity(features_a, latent_a, encoder, scorer, subset_b, rng, bs)
-    kind, level = study["stability_kind"], study["stability_level"]
-    degraded_b = degrade(images_b, kind, LEVELS[kind][level], np.random.default_rng(study["seed"]))
-    features_b = encode(encoder, batches(degraded_b, bs), len(degraded_b), desc="set B stability")
-    stab = stability(features_a, features_b, scorer, study["stability_sizes"], study["stability_draws"], rng)
-    return {"encoder": config["encoder"]["name"], "slides": used, "n_a": len(images_a), "n_b": len(subset_b),
-            "tile_size": config["tiles"]["size"], "tile_mpp": config["tiles"]["mpp"], "monotonicity": mono,
-            "stability_case": {"kind": kind, "level": float(LEVELS[kind][level])},
-            "stability_draws": study["stability_draws"], "stability": stab,
-            "seconds": round(time.perf_counter() - start, 1)}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,3 +15,52 @@ def slides_dir() -> Path:
     if not (SLIDES_DIR / "CMU-1-Small-Region.svs").is_file():
         pytest.skip(f"real slides not found at {SLIDES_DIR} (only present beside a wsi-qc checkout in ../shared)")
     return SLIDES_DIR
+
+
+# ---------------------------------------------------------------- a tiny fitted scorer for batch runs
+
+QC_CONFIG = """\
+tiles: {size: 64, mpp: 0.5, workers: 0, batch_size: 32}
+encoder: {name: test_efficientnet, weights: random, device: cpu}
+flow: {epochs: 4, n_blocks: 2, hidden: 32, min_reference: 20, patience: 2, device: cpu}
+threshold: {n_bootstrap: 20}
+"""
+
+
+@dataclass(frozen=True)
+class QCKit:
+    """Generated slides with a fitted scorer and calibration, for `wsi-qc run` tests."""
+
+    root: Path
+    slides: list[Path]   # good example slides (3072 x 3072 px at 0.25 mpp)
+    config: Path         # override YAML: 64 px tiles at 0.5 mpp, timm's tiny random test_efficientnet
+    scorer: Path
+    calibration: Path
+
+
+@pytest.fixture(scope="session")
+def qc_kit(tmp_path_factory) -> QCKit:
+    """Built once per session (~10 s): 4 slides, a scorer fitted on one, a calibration from synthetic labels."""
+    import numpy as np
+
+    from wsi_qc.config import load_config
+    from wsi_qc.data import write_example_slide
+    from wsi_qc.scorer import Scorer, encoder_from_config, slide_features
+    from wsi_qc.slide import Slide
+    from wsi_qc.threshold import Threshold
+
+    root = tmp_path_factory.mktemp("qc_kit")
+    slides = [write_example_slide(root / "slides" / f"good-{i}.tif", size=(3072, 3072), mpp=0.25, seed=i)
+              for i in range(4)]
+    config_path = root / "qc.yaml"
+    config_path.write_text(QC_CONFIG)
+    config = load_config(config_path)
+    encoder = encoder_from_config(config)
+    with Slide(slides[0]) as slide:
+        features = slide_features(slide, encoder, config)[-1]
+    scorer = Scorer.fit(features, encoder, config)
+    scorer.save(root / "scorer")
+    scores = scorer.score(features)
+    labels = (scores > np.median(scores)).astype(int)  # synthetic: the worse half is "bad"
+    Threshold(n_bootstrap=20).fit(scores, labels).save(root / "calibration.json", scorer.fingerprint)
+    return QCKit(root, slides, config_path, root / "scorer", root / "calibration.json")

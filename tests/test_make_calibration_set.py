@@ -65,7 +65,8 @@ def test_calibration_set_from_a_slide(slide, tmp_path):
                 assert np.array_equal(image, region), r["path"]
             else:
                 assert not np.array_equal(image, region), r["path"]
-    assert len(list((out / "tiles").glob("*.png"))) == len(rows)
+    assert len(list(out.glob("*/*.png"))) == len(rows)
+    assert all(r["path"].startswith(r["split"] + "/") for r in rows)
     assert (out / "summary.json").is_file()
 
 
@@ -81,7 +82,7 @@ def test_same_seed_same_set_and_overwrite_rules(slide, tmp_path):
     assert main(["--config", config, "--slides", str(slide), "--out", str(a), "--seed", "4"]) == 2
     assert main(["--config", config, "--slides", str(slide), "--out", str(a), "--seed", "4", "--overwrite"]) == 0
     assert (a / "labels.csv").read_text() != (b / "labels.csv").read_text()
-    assert len(list((a / "tiles").glob("*.png"))) == len(read_labels(a))
+    assert len(list(a.glob("*/*.png"))) == len(read_labels(a))
 
 
 def test_paired_set_and_n_clean_override(slide, tmp_path):

@@ -137,7 +137,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from wsi_qc.run import collect_slides, run_slides, write_run_report
+    from wsi_qc.run import collect_slides, export_tiles, run_slides, write_run_report
 
     config = _config(args)
     out = Path(args.out)
@@ -148,6 +148,9 @@ def cmd_run(args) -> int:
                          f"pass slide files, a folder or a CSV manifest")
     rows = run_slides(paths, args.scorer, args.calibration, config, out, report_dir, force=args.force)
     write_run_report(rows, out, report_dir)
+    if args.export_tiles:
+        counts = export_tiles(out, args.export_tiles, [r["slide"] for r in rows if r["status"] != "failed"])
+        print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
     failed = [r for r in rows if r["status"] == "failed"]
     for r in rows:
         print(f"{r['status']:>8}  {r['slide']}: {r['n_tiles']} tiles, kept {r['kept_pct']} %"
@@ -221,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="comma-separated globs for folders (run.pattern)")
     p.add_argument("--save-features", action="store_true", help="also store the features of every tile")
     p.add_argument("--force", action="store_true", help="redo slides already done")
+    p.add_argument("--export-tiles", metavar="DIR", help="also write the kept tiles as PNGs (read at the tile mpp), "
+                   "one folder per slide, for dataset building")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("encoders", help="list the encoder catalogue and which weights are available here")

@@ -7,19 +7,15 @@
   independently). The bootstrap distribution of a norm is biased upwards: two samples of the same
   tissue give a point value near 0 but an interval above it, so compare intervals, not zero;
 - ``frechet_distance``: the FID formula on two feature (or latent) sets,
-  ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b))`` with sample covariances.
+  ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b))`` with sample covariances (the square-root
+  trace computed exactly as a nuclear norm, fast at D = 1280).
 """
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-from scipy import linalg
 
 from wsi_qc.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 def _as_2d(x, name: str, min_rows: int = 1) -> np.ndarray:
@@ -81,25 +77,38 @@ def set_rl2_ci(z_a, z_b, n_bootstrap: int = 1000, seed: int = 0, rmse: bool = Fa
     return set_rl2(a, b, rmse=rmse), float(lo), float(hi)
 
 
-def frechet_distance(f_a, f_b, eps: float = 1e-6) -> float:
+def _trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
+    """Tr sqrtm(S_a S_b) of the sample covariances of centred rows a (n_a, D), b (n_b, D), without sqrtm.
+
+    The eigenvalues of S_a S_b (both PSD) are the squared singular values of S_a^(1/2) S_b^(1/2), so the
+    trace is that matrix's nuclear norm. With S = X^T X / (n - 1) it equals the nuclear norm of
+    X_a X_b^T / sqrt((n_a - 1)(n_b - 1)), an (n_a, n_b) matrix: the cheaper form when there are fewer tiles
+    than dimensions. Exact (no eps) for singular covariances too.
+    """
+    (n_a, d), n_b = a.shape, len(b)
+    if min(n_a, n_b) < d:
+        cross = (a @ b.T) / np.sqrt((n_a - 1) * (n_b - 1))
+    else:
+        cross = _psd_sqrt(a.T @ a / (n_a - 1)) @ _psd_sqrt(b.T @ b / (n_b - 1))
+    return float(np.linalg.svd(cross, compute_uv=False).sum())
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(f_a, f_b) -> float:
     """Fréchet distance between Gaussians fitted to two sets (the FID formula).
 
-    When the covariance product is singular (fewer rows than dims) and its square root is not finite,
-    `eps` is added to both diagonals; the imaginary part left by numerical error is dropped.
+    ``||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr sqrtm(S_a S_b)`` with sample covariances (ddof=1); the
+    last trace is computed as a nuclear norm (see `_trace_sqrt_product`), which is exact, needs no
+    regularising eps and takes about a second instead of scipy's sqrtm's 15-40 s at D = 1280.
     """
     a, b = _as_2d(f_a, "f_a", min_rows=2), _as_2d(f_b, "f_b", min_rows=2)
     _same_dims(a, b, "f_a and f_b")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():
-        log.warning("covariance product is singular; adding %g to the diagonals", eps)
-        offset = np.eye(len(s_a)) * eps
-        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.abs(covmean.imag).max()
-        if imag > 1e-3 * max(np.abs(covmean.real).max(), 1e-12):
-            log.warning("sqrtm left an imaginary part of %.3g; using the real part", imag)
-        covmean = covmean.real
+    a, b = a - mu_a, b - mu_b
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean))
+    trace_a, trace_b = (a * a).sum() / (len(a) - 1), (b * b).sum() / (len(b) - 1)
+    return float(diff @ diff + trace_a + trace_b - 2.0 * _trace_sqrt_product(a, b))

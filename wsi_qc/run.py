@@ -2,22 +2,32 @@
 
 Each slide is tiled, encoded, scored and thresholded, then written to the store (status "done" last)
 with its overlay PNG and GeoJSON. A slide that fails is recorded and the batch goes on; a rerun skips
-slides already done with the same fingerprint.
+slides already done with the same fingerprint. Tiles are read by a background thread (and, outside
+Dask, by `tiles.workers` reader processes) while the encoder runs, so reading hides behind encoding.
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import logging
 import multiprocessing
+import os
+import queue
+import resource
+import signal
+import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from wsi_qc import __version__
@@ -25,11 +35,11 @@ from wsi_qc.config import fingerprint
 from wsi_qc.errors import ConfigError
 from wsi_qc.report import (overlay_png, thumbnail_png, write_geojson, write_manifest, write_report_csv,
                            write_report_html)
-from wsi_qc.scorer import Scorer, slide_features
+from wsi_qc.scorer import Scorer, encode
 from wsi_qc.slide import Slide
 from wsi_qc.store import consolidate, open_store, read_slide, slide_done, slide_key, write_slide
 from wsi_qc.threshold import Threshold
-from wsi_qc.tiles import grid_image
+from wsi_qc.tiles import grid_image, iter_tile_batches, tile_slide
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,9 @@ def run_fingerprint(config: dict, scorer: Scorer, threshold: Threshold) -> str:
                         "threshold": float(threshold.threshold_)})
 
 
+TIMING_KEYS = ("tile_s", "encode_s", "score_s", "write_s", "report_s")
+
+
 def _summary(slide_id: str, path: Path, attrs: dict, rl2: np.ndarray | None, status: str, seconds: float) -> dict:
     row = {"slide": slide_id, "path": str(path), "status": status, "error": "", "traceback": "",
            "n_tiles": attrs.get("n_tiles", 0), "n_keep": attrs.get("n_keep", 0), "kept_pct": np.nan,
@@ -92,7 +105,77 @@ def _summary(slide_id: str, path: Path, attrs: dict, rl2: np.ndarray | None, sta
     if rl2 is not None and len(rl2):
         row["rl2_median"] = float(np.median(rl2))
         row["rl2_p95"] = float(np.percentile(rl2, 95))
+    timings = attrs.get("timings", {})
+    row.update({k: timings.get(k, np.nan) for k in TIMING_KEYS})
+    row["tiles_per_s"] = timings.get("tiles_per_s", np.nan)
+    row["peak_rss_mb"] = timings.get("peak_rss_mb", np.nan)
     return row
+
+
+def _reset_peak_rss() -> None:
+    """Restart this process's peak-RSS count (Linux), so each slide reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process since the last reset, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """The items of `items`, produced up to `depth` ahead by a background thread.
+
+    Slide readers (OpenSlide, tifffile codecs, PIL resizing) release the GIL, so the next batches are read
+    while the encoder works on this one. Errors in the producer are raised here; leaving early stops it.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(("error", exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="wsi-qc-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | Path, config: dict,
@@ -107,12 +190,18 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
         if not force and slide_done(root, slide_id, fp):
             found = read_slide(root, slide_id)
             return _summary(slide_id, path, found["attrs"], found["rl2"], "skipped", time.perf_counter() - start)
-        timings = {}
+        _reset_peak_rss()
+        timings, t = {}, config["tiles"]
         s = config["slide"]
         with Slide(path, mpp=s["mpp"], mpp_fallback=s["mpp_fallback"]) as slide:
             t0 = time.perf_counter()
-            thumbnail, thumb_mpp, tissue, tiles, features = slide_features(slide, scorer.encoder, config)
-            timings["tile_and_encode_s"] = round(time.perf_counter() - t0, 3)
+            thumbnail, thumb_mpp, tissue, tiles = tile_slide(slide, config)
+            timings["tile_s"] = round(time.perf_counter() - t0, 3)
+            t0 = time.perf_counter()
+            batches = iter_tile_batches(slide, tiles, batch_size=t["batch_size"], workers=t["workers"])
+            features = encode(scorer.encoder, prefetch(batches), len(tiles.coords), desc=slide_id)
+            timings["encode_s"] = round(time.perf_counter() - t0, 3)
+            timings["tiles_per_s"] = round(len(tiles.coords) / max(timings["encode_s"], 1e-9), 2)
             t0 = time.perf_counter()
             rl2 = scorer.score(features).astype(np.float32)
             keep = threshold.keep(rl2)
@@ -131,10 +220,15 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
                 thumbnail_png(report_dir / "thumbnails" / f"{slide_id}.png", thumbnail)
                 write_geojson(report_dir / "geojson" / f"{slide_id}.geojson", tiles.coords, size0, keep, slide_id)
             timings["report_s"] = round(time.perf_counter() - t0, 3)
+            timings["peak_rss_mb"] = _peak_rss_mb()
             timings["total_s"] = round(time.perf_counter() - start, 3)
             attrs["timings"] = timings
+            t0 = time.perf_counter()
             write_slide(root, slide_id, coords=tiles.coords, rl2=rl2, keep=keep, grid=grid, tissue=tissue,
                         attrs=attrs, features=features if config["run"]["save_features"] else None)
+            # known only after the write: in the report row, not in the stored attrs
+            timings["write_s"] = round(time.perf_counter() - t0, 3)
+            timings["peak_rss_mb"] = _peak_rss_mb()
         return _summary(slide_id, path, attrs, rl2, "done", time.perf_counter() - start)
     except Exception as exc:  # one slide's failure never stops the batch
         log.warning("slide %s failed: %s", path, exc)
@@ -144,19 +238,41 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
         return row
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the process that started it dies (e.g. by SIGKILL),
+    so no orphan keeps writing into the store while a rerun redoes its slide."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _die_with_parent()
+
+
 def _no_reader_processes(config: dict) -> dict:
-    """Dask and pool workers read tiles in-process (daemonic workers cannot start reader processes)."""
+    """Dask workers are daemonic and cannot start reader processes: they read tiles with a thread."""
     return {**config, "tiles": {**config["tiles"], "workers": 0}}
 
 
 def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str | Path, config: dict,
                out: str | Path, report_dir: str | Path, force: bool = False) -> list[dict]:
-    """QC every slide (local processes, or Dask when run.scheduler is set); returns one report row per slide."""
+    """QC every slide (local processes, or Dask when run.scheduler is set); returns one report row per slide.
+
+    The scorer and calibration are loaded first: a bad one raises ConfigError before any slide is touched.
+    """
     scorer, threshold = check_inputs(scorer_path, calibration_path, config)
     open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
                            "threshold": threshold.to_dict(), "auc": threshold.auc_})
     run = config["run"]
-    args = (scorer_path, calibration_path)
+    if int(run["workers"]) < 1:
+        raise ConfigError(f"run.workers must be >= 1, got {run['workers']!r}; pass --workers 1 or more")
+    args = (str(scorer_path), str(calibration_path))
     rows: list[dict] = []
     bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)
     if run["scheduler"]:
@@ -180,9 +296,11 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
             if cluster is not None:
                 cluster.close()
     elif run["workers"] > 1:
-        cfg = _no_reader_processes(config)
-        with ProcessPoolExecutor(run["workers"], mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(qc_slide, p, *args, cfg, out, report_dir, force) for p in paths]
+        threads = max(1, (os.cpu_count() or 1) // run["workers"])
+        with ProcessPoolExecutor(run["workers"], mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = [pool.submit(qc_slide, str(p), *args, config, str(out), str(report_dir), force)
+                       for p in paths]
             for fut in as_completed(futures):
                 rows.append(fut.result())
                 bar.update()
@@ -215,3 +333,32 @@ def write_run_report(rows: list[dict], out: str | Path, report_dir: str | Path) 
     html_path = write_report_html(report_dir / "report.html", rows, images, title=f"wsi-qc report: {Path(out).name}")
     manifest_csv, manifest_parquet = write_manifest(report_dir / "manifest", records)
     return {"csv": csv_path, "html": html_path, "manifest_csv": manifest_csv, "manifest_parquet": manifest_parquet}
+
+
+def export_tiles(out: str | Path, export_dir: str | Path, slides: Iterable[str] | None = None) -> dict[str, int]:
+    """Write the kept tiles of done slides as PNGs, read at the tile mpp: <export_dir>/<slide>/<slide>_x<X>_y<Y>.png.
+
+    Slides are reopened from their stored source path with their stored mpp; files already there are kept
+    (a resumed run exports only what is new). Returns {slide: number of kept tiles}.
+    """
+    root, export_dir = open_store(out, create=False), Path(export_dir)
+    wanted = None if slides is None else {slide_key(s) for s in slides}
+    counts: dict[str, int] = {}
+    for slide_id, group in sorted(root.groups()):
+        if group.attrs.get("status") != "done" or (wanted is not None and slide_id not in wanted):
+            continue
+        attrs = dict(group.attrs)
+        coords = group["coords"][...][group["keep"][...]]
+        size, tile_mpp = int(attrs["tile_size"]), float(attrs["tile_mpp"])
+        folder = export_dir / slide_id
+        folder.mkdir(parents=True, exist_ok=True)
+        with Slide(attrs["source"], mpp=attrs["mpp"]) as slide:
+            for x, y in tqdm(coords, desc=f"export {slide_id}", unit="tile", leave=False, disable=None):
+                target = folder / f"{slide_id}_x{int(x)}_y{int(y)}.png"
+                if not target.exists():
+                    image = slide.read_region((int(x), int(y)), (size, size), tile_mpp)
+                    tmp = target.with_name(f".{target.name}.partial")
+                    Image.fromarray(image).save(tmp, format="PNG")
+                    tmp.replace(target)
+        counts[slide_id] = len(coords)
+    return counts
