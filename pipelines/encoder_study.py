@@ -39,16 +39,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from pipelines import make_calibration_set
-from pipelines.degradation_study import monotonicity, real_tiles, split_config, stability
-from wsi_qc.artifacts import LEVELS, degrade
+import yaml
+
+from pipelines import degradation_study, make_calibration_set
 from wsi_qc.calibrate import per_artifact_auc, read_labels
 from wsi_qc.catalogue import encoder_config, load_catalogue, weights_available
+from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
 from wsi_qc.encoder import IMAGE_STATS, image_statistics
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import Flow
-from wsi_qc.scorer import Scorer, batches, encode, encoder_from_config, read_tile_images
+from wsi_qc.scorer import batches, encode, encoder_from_config, read_tile_images
 from wsi_qc.threshold import bootstrap_auc_ci
 
 log = logging.getLogger("pipelines.encoder_study")
@@ -58,6 +59,13 @@ DEFAULT_CONFIG = ROOT / "configs" / "encoder_study.yaml"
 SCORE_KINDS = ("rl2", "nll")
 COLUMNS = ("rank", "encoder", "weights", "best variant", "dim", "QC AUC seed 0 [95 % CI]", "QC AUC seed 1",
            "AUC last layer", "RL2 rho (mean)", "RL2 CV % n=300", "tiles/s", "params M", "memory MB")
+
+
+def split_config(path: Path) -> tuple[dict, dict]:
+    """(wsi-qc config, study section) of a study YAML."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    study = data.pop("study", None) or {}
+    return load_config(overrides=data), study
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -175,11 +183,17 @@ class Blocks:
 
 
 class VariantFeatures:
-    """The encoder interface (`dim`, `__call__`) for one variant, so degradation_study can encode with it."""
+    """The encoder interface for one variant (dim, meta, call), so degradation_study can run with it."""
 
-    def __init__(self, blocks: Blocks, names: list[str]):
+    def __init__(self, blocks: Blocks, names: list[str], encoder, label: str):
         self.blocks, self.names = blocks, names
         self.dim = sum(blocks.dims[n] for n in names)
+        self.name = f"{encoder.name} {label}"
+        self.weights, self.precision = encoder.weights, encoder.precision
+        self._meta = {**encoder.meta(), "variant": names, "dim": self.dim}
+
+    def meta(self) -> dict:
+        return self._meta
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.blocks(images, self.names)
@@ -222,7 +236,14 @@ def model_size(encoder) -> tuple[float, float]:
 # ---- evaluation --------------------------------------------------------------------------------
 
 def fit_flow(features: np.ndarray, flow_params: dict) -> Flow:
-    return Flow(**flow_params).fit(features)
+    """A flow fitted on one torch thread: the tiny batches of a few hundred tiles run slower on more threads
+    of a busy CPU (measured: 20 epochs 38 s on 2 threads vs 0.6 s on 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Flow(**flow_params).fit(features)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def qc_auc(flow: Flow, features: np.ndarray, table: pd.DataFrame, n_bootstrap: int, seed: int) -> dict:
@@ -267,23 +288,22 @@ def best_of(results: dict) -> tuple[str, str, float]:
     return max(((v, k, r["mean"][k]) for v, r in results.items() for k in SCORE_KINDS), key=lambda t: t[2])
 
 
-def rl2_studies(features: VariantFeatures, pool: np.ndarray, config: dict, study: dict) -> dict:
-    """Monotonicity and stability of RL2 with one variant's features (degradation_study's functions)."""
-    rng = np.random.default_rng(study["rl2_seed"])
-    half = len(pool) // 2
-    images_a, images_b = pool[:half], pool[half:]
-    bs = config["tiles"]["batch_size"]
-    features_a = encode(features, batches(images_a, bs), len(images_a), desc="set A")
-    scorer = Scorer(features, fit_flow(features_a, config["flow"]), config)
-    latent_a = scorer.latent(features_a)
-    mono = monotonicity(features_a, latent_a, features, scorer, images_b[: study["n_degraded"]], rng, bs)
-    kind, level = study["stability_kind"], LEVELS[study["stability_kind"]][study["stability_level"]]
-    degraded = degrade(images_b, kind, level, np.random.default_rng(study["rl2_seed"]))
-    features_b = encode(features, batches(degraded, bs), len(degraded), desc="set B stability")
-    stab = stability(features_a, features_b, scorer, study["stability_sizes"], study["stability_draws"], rng)
-    return {"monotonicity": mono, "stability": {str(n): v for n, v in stab.items()},
-            "rho_mean": float(np.mean([r["rl2_spearman"] for r in mono.values()])),
-            "stability_case": {"kind": kind, "level": float(level)}, "n_a": len(images_a), "n_b": len(images_b)}
+def rl2_studies(features: VariantFeatures, slides: list[Path], config: dict, study: dict, out: Path) -> dict:
+    """RL2 monotonicity and stability with one variant's features (pipelines/degradation_study.run_study)."""
+    deg = {**degradation_study.STUDY_DEFAULTS, "slides": [str(p) for p in slides],
+           "slide_mpp": study.get("slide_mpp") or {}, "min_tiles": study["rl2_tiles"],
+           "max_tiles": study["rl2_tiles"], "example_slides": {"max": 0, "size": 8192, "mpp": 0.5},
+           "n_degraded": study["n_degraded"], "stability_sizes": study["stability_sizes"],
+           "stability_draws": study["stability_draws"], "stability_cases": [study["stability_case"]],
+           "seed": study["rl2_seed"]}
+    pool_config = copy.deepcopy(config)
+    pool_config["tiles"]["min_tissue"] = study["rl2_min_tissue"]
+    result = degradation_study.run_study(pool_config, deg, out / "rl2", encoder=features)
+    sizes = result["stability"][0]["sizes"]
+    cv = {str(n): r["rl2_cv"] for n, r in sizes.items()}
+    return {"monotonicity": result["monotonicity"], "stability_cv": cv,
+            "rho_mean": float(np.nanmean([r["rl2_spearman"] for r in result["monotonicity"].values()])),
+            "stability_case": study["stability_case"], "n_a": result["n_a"], "n_b": result["n_b"]}
 
 
 def flow_ablation(mats: dict[int, dict], blk: list[str], sets: dict[int, dict], config: dict,
@@ -337,10 +357,12 @@ def build_encoders(spec: dict, config: dict):
     else:
         base = {**config["encoder"], "name": spec["timm"], "weights": spec["weights"], "model_kwargs": {}}
         multi, last = {**base, "levels": spec["levels"]}, {**base, "levels": None}
-    return encoder_from_config({"encoder": multi}), encoder_from_config({"encoder": last})
+    # image statistics are a block of their own here (computed once for all encoders)
+    return (encoder_from_config({"encoder": {**multi, "image_stats": False}}),
+            encoder_from_config({"encoder": {**last, "image_stats": False}}))
 
 
-def study_encoder(spec: dict, sets: dict[int, dict], pool: np.ndarray, stats: FeatureCache, config: dict,
+def study_encoder(spec: dict, sets: dict[int, dict], slides: list[Path], stats: FeatureCache, config: dict,
                   study: dict, out: Path) -> tuple[dict, dict]:
     """All measurements of one encoder, and its block features of the labelled sets (for the flow ablation)."""
     multi, last = build_encoders(spec, config)
@@ -353,7 +375,7 @@ def study_encoder(spec: dict, sets: dict[int, dict], pool: np.ndarray, stats: Fe
     if timing.is_file() and json.loads(timing.read_text()).get("identity") == ident:
         speed = json.loads(timing.read_text())
     else:
-        sample = pool if len(pool) else next(iter(sets.values()))["calibration"]
+        sample = next(iter(sets.values()))["calibration"]
         speed = {"identity": ident, "last": throughput(last, sample, bs), "multi": throughput(multi, sample, bs)}
         timing.parent.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps(speed))
@@ -371,7 +393,8 @@ def study_encoder(spec: dict, sets: dict[int, dict], pool: np.ndarray, stats: Fe
     variant, kind, auc = best_of(results)
     rl2 = None
     if study["rl2_study"]:
-        rl2 = rl2_studies(VariantFeatures(blocks, results[variant]["blocks"]), pool, config, study)
+        features = VariantFeatures(blocks, results[variant]["blocks"], multi, variant)
+        rl2 = rl2_studies(features, slides, config, study, out)
         blocks.save()
     peak = torch.cuda.max_memory_allocated() / 2**20 if multi.device.type == "cuda" else None
     return mats, {"name": spec["name"], "status": spec["status"], "ranked": spec["ranked"], "timm": multi.name,
@@ -392,13 +415,6 @@ def run_study(config: dict, study: dict, out: Path) -> dict:
     folders = calibration_sets(config, study, slides, out)
     size = config["tiles"]["size"]
     sets = {seed: load_set(folder, size) for seed, folder in folders.items()}
-    pool = np.zeros((0, size, size, 3), np.uint8)
-    used: list[str] = []
-    if study["rl2_study"]:
-        pool_config = copy.deepcopy(config)
-        pool_config["tiles"]["min_tissue"] = study["rl2_min_tissue"]
-        pool, used = real_tiles([(p, (study.get("slide_mpp") or {}).get(p.name)) for p in slides], pool_config)
-        pool = pool[np.random.default_rng(study["rl2_seed"]).permutation(len(pool))[: study["rl2_tiles"]]]
     stats = FeatureCache(image_statistics, len(IMAGE_STATS), out / "features" / "stats.npz",
                          json.dumps(list(IMAGE_STATS)))
     encoders, mats = [], {}
@@ -407,7 +423,7 @@ def run_study(config: dict, study: dict, out: Path) -> dict:
             encoders.append({"name": spec["name"], "status": spec["status"], "ranked": False})
             continue
         log.info("encoder %s (%s)", spec["name"], spec["status"])
-        mats[spec["name"]], result = study_encoder(spec, sets, pool, stats, config, study, out)
+        mats[spec["name"]], result = study_encoder(spec, sets, slides, stats, config, study, out)
         encoders.append(result)
         stats.save()
     ranked = sorted((e for e in encoders if e["ranked"]), key=lambda e: -e["best"]["auc"])
@@ -420,7 +436,7 @@ def run_study(config: dict, study: dict, out: Path) -> dict:
         ablation = {"encoder": top["name"], "variant": top["best"]["variant"],
                     "rows": flow_ablation(mats[top["name"]], top["variants"][top["best"]["variant"]]["blocks"], sets,
                                           config, study)}
-    return {"encoders": encoders, "ablation": ablation, "slides_rl2": used,
+    return {"encoders": encoders, "ablation": ablation, "slides": [p.name for p in slides],
             "sets": {str(seed): {"folder": str(folders[seed]), "n_reference": len(d["reference"]),
                                  "n_good": int((d["table"]["label"] == 0).sum()),
                                  "n_bad": int((d["table"]["label"] == 1).sum()),
@@ -449,7 +465,7 @@ def main_table(result: dict) -> list[str]:
         s1 = v["seeds"][int(seeds[1])][b["kind"]]["auc"] if len(seeds) > 1 else None
         last = e["variants"]["last"]["mean"]
         rl2 = e["rl2"] or {}
-        cv = (rl2.get("stability") or {}).get("300", {}).get("rl2_cv")
+        cv = (rl2.get("stability_cv") or {}).get("300")
         status = "available" if e["ranked"] else e["status"]
         lines.append(
             f"| {e.get('rank', '—')} | {e['name']} | {status} | {b['variant']} ({b['kind']}) | {v['dim']} | "
@@ -492,8 +508,8 @@ def markdown(result: dict) -> str:
             r = e["rl2"]
             lines += ["", f"RL2 with {e['best']['variant']} ({r['n_a']} tiles in A, {r['n_b']} in B): "
                       + "; ".join(f"{k} rho {m['rl2_spearman']:.2f}" for k, m in r["monotonicity"].items())
-                      + "; stability CV % " + ", ".join(f"n={n}: {100 * s['rl2_cv']:.2f}"
-                                                          for n, s in r["stability"].items())]
+                      + "; stability CV % " + ", ".join(f"n={n}: {100 * cv:.2f}"
+                                                          for n, cv in r["stability_cv"].items())]
     if result["ablation"]:
         a = result["ablation"]
         lines += ["", f"## Flow ablation ({a['encoder']}, {a['variant']})", "",

@@ -32,7 +32,7 @@ class QCKit:
     """Generated slides with a fitted scorer and calibration, for `wsi-qc run` tests."""
 
     root: Path
-    slides: list[Path]   # good example slides (3072 x 3072 px at 0.25 mpp)
+    slides: list[Path]   # good example slides (2048 x 2048 px at 0.25 mpp)
     config: Path         # override YAML: 64 px tiles at 0.5 mpp, timm's tiny random test_efficientnet
     scorer: Path
     calibration: Path
@@ -50,7 +50,7 @@ def qc_kit(tmp_path_factory) -> QCKit:
     from wsi_qc.threshold import Threshold
 
     root = tmp_path_factory.mktemp("qc_kit")
-    slides = [write_example_slide(root / "slides" / f"good-{i}.tif", size=(3072, 3072), mpp=0.25, seed=i)
+    slides = [write_example_slide(root / "slides" / f"good-{i}.tif", size=(2048, 2048), mpp=0.25, seed=i)
               for i in range(4)]
     config_path = root / "qc.yaml"
     config_path.write_text(QC_CONFIG)

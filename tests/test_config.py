@@ -54,3 +54,10 @@ def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint(a) == fingerprint(load_config())
     assert fingerprint(a) != fingerprint(b)
     assert fingerprint(a, ("flow",)) == fingerprint(b, ("flow",))
+
+
+def test_paper_config_uses_the_papers_encoder():
+    from wsi_qc.config import DEFAULT_CONFIG
+
+    config = load_config(DEFAULT_CONFIG.parent / "paper.yaml")
+    assert config["encoder"]["name"] == "resnet18.tv_in1k" and config["encoder"]["pooling"] == "avg"

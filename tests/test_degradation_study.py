@@ -1,4 +1,4 @@
-"""pipelines.degradation_study on a tiny generated slide with a random-weight encoder and 2 levels per kind."""
+"""pipelines.degradation_study on a tiny generated slide with timm's random-weight test_efficientnet, 2 levels per kind."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from wsi_qc.artifacts import LEVELS
 from wsi_qc.data import write_example_slide
 from wsi_qc.errors import ConfigError
 
-STUDY = {"min_tiles": 0, "max_tiles": 240, "example_slides": {"max": 0, "size": 2048, "mpp": 0.5},
-         "levels": {kind: [0, values[3]] for kind, values in LEVELS.items()}, "n_degraded": 24,
-         "stability_sizes": [10, 40, 500], "stability_draws": 4, "stability_cases": [["noise", 30], ["clean", 0]],
+STUDY = {"min_tiles": 0, "max_tiles": 160, "example_slides": {"max": 0, "size": 2048, "mpp": 0.5},
+         "levels": {kind: [0, values[3]] for kind, values in LEVELS.items()}, "n_degraded": 16,
+         "stability_sizes": [10, 40, 100], "stability_draws": 4, "stability_cases": [["noise", 30], ["clean", 0]],
          "seed": 1}
 CONFIG = {"tiles": {"mpp": 1.0, "size": 64, "overlap": 32, "batch_size": 64, "workers": 0},
-          "encoder": {"name": "resnet18", "weights": "random", "device": "cpu"},
+          "encoder": {"name": "test_efficientnet", "weights": "random", "device": "cpu"},
           "flow": {"n_blocks": 2, "hidden": 32, "epochs": 4, "patience": 2, "min_reference": 20, "device": "cpu"}}
 
 
@@ -66,18 +66,17 @@ def test_study_writes_tables_json_and_plots(study_run):
         with Image.open(out / name) as im:
             assert im.size[0] > 300 and im.size[1] > 200
     # the missing slide is listed as skipped, the tiny slide's tiles are split between A and B
-    skipped, used = result["sources"]
+    used, skipped = result["sources"]
     assert skipped["tiles"] == 0 and "skipped" in skipped
-    assert used["in_a"] == result["n_a"] and used["in_b"] == result["n_b"] and result["n_a"] + result["n_b"] <= 240
-    assert result["n_a"] >= 100
-    # every kind at both levels, both metrics, rho in [-1, 1]
-    assert list(result["monotonicity"]) == list(LEVELS)
+    assert used["in_a"] == result["n_a"] and used["in_b"] == result["n_b"] and result["n_a"] + result["n_b"] == 160
+        # every kind at both levels, both metrics, rho in [-1, 1]
+    assert sorted(result["monotonicity"]) == sorted(LEVELS)
     for kind, r in result["monotonicity"].items():
         assert r["levels"] == [0.0, float(LEVELS[kind][3])]
         assert len(r["rl2"]) == len(r["fd"]) == 2 and all(v >= 0 for v in r["rl2"] + r["fd"])
         assert abs(r["rl2_spearman"]) == pytest.approx(1.0) and abs(r["fd_spearman"]) == pytest.approx(1.0)
         assert f"| {kind} | 0, {LEVELS[kind][3]:g} |" in text
-    # n = 500 exceeds the pools and is left out; CVs are positive numbers
+    # n = 100 exceeds the pools and is left out; CVs are positive numbers
     for case in result["stability"]:
         assert list(case["sizes"]) == ["10", "40"]
         for r in case["sizes"].values():

@@ -57,7 +57,7 @@ def test_study_table_with_random_tiny_encoder(slide, tmp_path):
             "calibration": {"n_clean": 60, "min_tissue": 0.5, "kinds": ["blur", "pen"], "severities": [3]},
             "seeds": [0, 1], "n_bootstrap": 20, "rl2_study": True, "rl2_tiles": 40, "rl2_min_tissue": 0.5,
             "rl2_seed": 0, "n_degraded": 3, "stability_sizes": [5, 10], "stability_draws": 3,
-            "stability_kind": "blur", "stability_level": 2, "flow_grid": [{"pca_dim": 4}],
+            "stability_case": ["blur", 2], "flow_grid": [{"pca_dim": 4}],
         },
     }
     path = tmp_path / "study.yaml"

@@ -1,0 +1,151 @@
+"""`wsi-qc run` from the command line: exit codes, a run killed with SIGKILL and resumed, tile export, Dask."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wsi_qc import cli
+from wsi_qc.store import list_slides, open_store, read_slide
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _folder(kit, path: Path, bad: bool = False) -> Path:
+    path.mkdir(parents=True)
+    for slide in kit.slides:
+        os.symlink(slide, path / slide.name)
+    if bad:
+        (path / "broken.svs").write_bytes(b"II*\x00" + os.urandom(500))
+        (path / "empty.svs").write_bytes(b"")
+    return path
+
+
+def _run_args(kit, inputs, out, *extra) -> list[str]:
+    config = kit.root / "no-overlays.yaml"  # overlay PNGs are tested in test_run.py; here they only cost time
+    if not config.exists():
+        config.write_text(f"base: {kit.config.name}\nrun: {{overlays: false}}\n")
+    return ["run", *map(str, inputs), "--config", str(config), "--scorer", str(kit.scorer),
+            "--calibration", str(kit.calibration), "--out", str(out), *extra]
+
+
+def _done(store: Path) -> set[str]:
+    """Slides marked done, read from the files (the store may be mid-write)."""
+    done = set()
+    for meta in store.glob("*/zarr.json"):
+        try:
+            if json.loads(meta.read_text()).get("attributes", {}).get("status") == "done":
+                done.add(meta.parent.name)
+        except (OSError, ValueError):
+            pass
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference_run(qc_kit, tmp_path_factory):
+    """An uninterrupted CLI run over the four good slides (exit code 0)."""
+    tmp = tmp_path_factory.mktemp("cli_ref")
+    folder = _folder(qc_kit, tmp / "slides")
+    code = cli.main(_run_args(qc_kit, [folder], tmp / "ref.zarr", "--export-tiles", str(tmp / "tiles")))
+    return {"code": code, "folder": folder, "out": tmp / "ref.zarr", "tiles": tmp / "tiles"}
+
+
+def test_all_done_exits_0_and_exports_kept_tiles(reference_run, capsys):
+    assert reference_run["code"] == 0
+    root = open_store(reference_run["out"], create=False)
+    assert list_slides(root) == {f"good-{i}": "done" for i in range(4)}
+    for sid in list_slides(root):
+        n_keep = int(read_slide(root, sid)["keep"].sum())
+        assert len(list((reference_run["tiles"] / sid).glob("*.png"))) == n_keep > 0
+    report = pd.read_csv(reference_run["out"].with_name("ref-report") / "report.csv")
+    assert list(report.status) == ["done"] * 4
+
+
+def test_failed_slides_exit_1_and_good_ones_finish(qc_kit, tmp_path, capsys):
+    folder = _folder(qc_kit, tmp_path / "slides", bad=True)
+    for slide in qc_kit.slides[1:]:  # keep it short: one good slide, two bad ones
+        (folder / slide.name).unlink()
+    code = cli.main(_run_args(qc_kit, [folder], tmp_path / "qc.zarr", "--report", str(tmp_path / "rep")))
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "1 of 3 slides done" in out and "empty (0 bytes)" in out
+    report = pd.read_csv(tmp_path / "rep" / "report.csv").set_index("slide")
+    assert report.status.to_dict() == {"broken": "failed", "empty": "failed", "good-0": "done"}
+    assert report.loc["broken", "traceback"].startswith("Traceback")
+
+
+def test_bad_config_scorer_or_calibration_exit_2_before_any_slide(qc_kit, tmp_path, capsys):
+    folder = _folder(qc_kit, tmp_path / "slides")
+    out = tmp_path / "qc.zarr"
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("tiles: {sise: 64}\n")
+    args = _run_args(qc_kit, [folder], out)
+    cases = {
+        "config": [*args[:2], "--config", str(bad_config), *args[4:]],  # a misspelt key
+        "scorer": [a if a != str(qc_kit.scorer) else str(tmp_path / "no-scorer") for a in args],
+        "calibration": [a if a != str(qc_kit.calibration) else str(tmp_path / "none.json") for a in args],
+        "no slides": _run_args(qc_kit, [tmp_path / "empty-folder"], out),
+    }
+    (tmp_path / "empty-folder").mkdir()
+    messages = {}
+    for name, argv in cases.items():
+        assert cli.main(argv) == 2, name
+        messages[name] = capsys.readouterr().err
+        assert not out.exists(), f"{name}: a store was created"  # refused before any slide
+    assert "sise" in messages["config"]
+    assert "no-scorer does not exist" in messages["scorer"] and "Traceback" not in messages["scorer"]
+    assert "none.json not found" in messages["calibration"]
+    assert "no slides found" in messages["no slides"]
+
+
+def test_run_killed_with_sigkill_then_rerun_equals_uninterrupted(qc_kit, reference_run, tmp_path):
+    out = tmp_path / "killed.zarr"
+    argv = [sys.executable, "-m", "wsi_qc.cli", *_run_args(qc_kit, [reference_run["folder"]], out)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    try:
+        while not _done(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_at_kill = _done(out)
+    assert proc.returncode == -signal.SIGKILL and 1 <= len(done_at_kill) < 4
+
+    assert cli.main(_run_args(qc_kit, [reference_run["folder"]], out)) == 0
+    report = pd.read_csv(out.with_name("killed-report") / "report.csv").set_index("slide")
+    assert {s for s in report.index if report.loc[s, "status"] == "skipped"} == done_at_kill
+    resumed, ref = open_store(out, create=False), open_store(reference_run["out"], create=False)
+    assert list_slides(resumed) == list_slides(ref)
+    for sid in list_slides(ref):
+        a, b = read_slide(resumed, sid), read_slide(ref, sid)
+        assert np.array_equal(a["coords"], b["coords"]) and np.array_equal(a["grid"], b["grid"])
+        assert np.allclose(a["rl2"], b["rl2"], rtol=1e-5, atol=1e-6)
+        assert np.array_equal(a["keep"], b["keep"]) and np.array_equal(a["tissue"], b["tissue"])
+
+
+@pytest.mark.slow
+def test_run_against_a_dask_scheduler_address(qc_kit, reference_run, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tcp://127.0.0.1:")
+        code = cli.main(_run_args(qc_kit, [reference_run["folder"]], tmp_path / "dask.zarr", "--scheduler", address))
+    assert code == 0
+    got, ref = open_store(tmp_path / "dask.zarr", create=False), open_store(reference_run["out"], create=False)
+    assert list_slides(got) == list_slides(ref)
+    for sid in list_slides(ref):
+        assert np.allclose(read_slide(got, sid)["rl2"], read_slide(ref, sid)["rl2"], rtol=1e-5, atol=1e-6)

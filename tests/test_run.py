@@ -1,0 +1,346 @@
+"""Batch runs (wsi_qc.run): slide collection, fault isolation, resume, concurrent writers, reports, export.
+
+The scorer is the session's `qc_kit` (tests/conftest.py): generated slides, timm's tiny random
+test_efficientnet, 64 px tiles at 0.5 mpp, a small flow and a calibration from synthetic labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from wsi_qc.config import load_config
+from wsi_qc.errors import ConfigError
+from wsi_qc.run import collect_slides, export_tiles, prefetch, run_slides, write_run_report
+from wsi_qc.store import list_slides, open_store, read_slide, write_slide
+
+PATTERN = "*.svs,*.tif,*.tiff"
+
+
+def _config(kit, **run):
+    return load_config(kit.config, overrides={"run": run} if run else None)
+
+
+def _faulty_folder(kit, folder):
+    """Two good slides (one in a subfolder), a broken .svs, an empty file and a TIFF without mpp."""
+    (folder / "sub").mkdir(parents=True)
+    os.symlink(kit.slides[1], folder / "good-1.tif")
+    os.symlink(kit.slides[2], folder / "sub" / "good-2.tif")
+    (folder / "broken.svs").write_bytes(b"II*\x00" + os.urandom(1000))
+    (folder / "empty.svs").write_bytes(b"")
+    tifffile.imwrite(folder / "nompp.tif", np.full((512, 512, 3), 200, np.uint8), tile=(256, 256))
+    (folder / "notes.txt").write_text("not a slide")
+    return folder
+
+
+# ---------------------------------------------------------------- collecting slides
+
+
+def test_collect_slides_folder_recursive_globs_and_manifest(tmp_path):
+    for name in ("a.svs", "sub/b.tif", "sub/deeper/c.TIFF", "sub/d.ndpi", "x.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = collect_slides([tmp_path], "*.svs,*.tif")
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.svs", "sub/b.tif"]
+    found = collect_slides([tmp_path], "*.svs, *.tif ,*.ndpi,*.TIFF")
+    assert {p.name for p in found} == {"a.svs", "b.tif", "c.TIFF", "d.ndpi"}
+
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(f"path,label\nsub/b.tif,1\n{tmp_path / 'a.svs'},0\nmissing.svs,0\n")
+    assert collect_slides([manifest], PATTERN) == [tmp_path / "sub" / "b.tif", tmp_path / "a.svs",
+                                                   tmp_path / "missing.svs"]  # missing ones fail per slide
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\na.svs\n")
+    with pytest.raises(ConfigError, match="no 'path' column"):
+        collect_slides([bad], PATTERN)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.tif").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="share the id 'a'"):
+        collect_slides([tmp_path / "a.svs", tmp_path / "other" / "a.tif"], PATTERN)
+
+
+# ---------------------------------------------------------------- prefetch
+
+
+def test_prefetch_keeps_order_raises_errors_and_stops_early():
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("read failed at tile 2")
+
+    got = []
+    with pytest.raises(OSError, match="tile 2"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1]
+
+    produced, closed = [], threading.Event()
+
+    def endless():
+        try:
+            for i in range(10**9):
+                produced.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    it = prefetch(endless(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the consumer leaves early: the producer stops and closes its source
+    assert closed.wait(5) and len(produced) <= 3 + 2 + 2
+    assert not any(t.name == "wsi-qc-prefetch" for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------- fault isolation, reports, resume
+
+
+@pytest.fixture(scope="module")
+def faulty_run(qc_kit, tmp_path_factory):
+    """One run over a folder of good and bad slides (in process), with its report written."""
+    tmp = tmp_path_factory.mktemp("faulty")
+    folder = _faulty_folder(qc_kit, tmp / "slides")
+    config = _config(qc_kit)
+    paths = collect_slides([folder], PATTERN)
+    out, report_dir = tmp / "qc.zarr", tmp / "report"
+    rows = run_slides(paths, qc_kit.scorer, qc_kit.calibration, config, out, report_dir)
+    files = write_run_report(rows, out, report_dir)
+    return {"folder": folder, "config": config, "paths": paths, "out": out, "report_dir": report_dir,
+            "rows": rows, "files": files}
+
+
+def test_bad_slides_fail_alone_with_their_error_in_the_report(faulty_run):
+    rows = {r["slide"]: r for r in faulty_run["rows"]}
+    assert set(rows) == {"good-1", "good-2", "broken", "empty", "nompp"}
+    assert {k for k, r in rows.items() if r["status"] == "done"} == {"good-1", "good-2"}
+    assert "SlideError" in rows["empty"]["error"] and "empty (0 bytes)" in rows["empty"]["error"]
+    assert "no mpp" in rows["nompp"]["error"] and "mpp_fallback" in rows["nompp"]["error"]
+    assert rows["broken"]["error"] and "Traceback" in rows["broken"]["traceback"]
+
+    with open(faulty_run["report_dir"] / "report.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header[:10] == ["slide", "path", "status", "error", "n_tiles", "n_keep", "kept_pct", "rl2_median",
+                           "rl2_p95", "seconds"]
+    report = pd.read_csv(faulty_run["report_dir"] / "report.csv").set_index("slide")
+    assert list(report.index) == [p.stem for p in faulty_run["paths"]]  # input order
+    for col in ("n_tiles", "kept_pct", "rl2_median", "rl2_p95", "status", "seconds", "encode_s", "tile_s",
+                "report_s", "write_s", "peak_rss_mb", "error", "traceback"):
+        assert col in report.columns, col
+    assert report.loc["nompp", "status"] == "failed" and "no mpp" in report.loc["nompp", "error"]
+    assert "empty (0 bytes)" in report.loc["empty", "error"] and "Traceback" in report.loc["empty", "traceback"]
+
+    root = open_store(faulty_run["out"], create=False)
+    assert list_slides(root) == {"good-1": "done", "good-2": "done"}  # nothing of the failed slides
+    for sid in ("good-1", "good-2"):
+        found = read_slide(root, sid)
+        n = found["attrs"]["n_tiles"]
+        assert n > 20 and found["rl2"].shape == (n,) and found["coords"].shape == (n, 2)
+        assert report.loc[sid, "n_tiles"] == n and report.loc[sid, "n_keep"] == found["keep"].sum()
+        assert report.loc[sid, "rl2_median"] == pytest.approx(float(np.median(found["rl2"])), rel=1e-6)
+        assert report.loc[sid, "rl2_p95"] == pytest.approx(float(np.percentile(found["rl2"], 95)), rel=1e-6)
+        assert 0 < report.loc[sid, "kept_pct"] < 100
+        assert report.loc[sid, "encode_s"] > 0 and report.loc[sid, "peak_rss_mb"] > 50
+        assert np.array_equal(found["keep"], found["rl2"] <= found["attrs"]["threshold"])
+        grid = found["grid"]
+        assert (grid == 1).sum() == found["keep"].sum() and (grid == 2).sum() == (~found["keep"]).sum()
+    # metadata consolidated at the end: the root lists every slide group without walking the store
+    meta = json.loads((faulty_run["out"] / "zarr.json").read_text())
+    listed = meta["consolidated_metadata"]["metadata"]
+    assert {"good-1", "good-2", "good-1/rl2", "good-2/keep"} <= set(listed)
+    assert listed["good-1"]["attributes"]["status"] == "done"
+
+
+def test_manifest_lists_kept_tiles_in_csv_and_parquet(faulty_run):
+    root = open_store(faulty_run["out"], create=False)
+    files = faulty_run["files"]
+    table = pd.read_csv(files["manifest_csv"])
+    pd.testing.assert_frame_equal(table, pd.read_parquet(files["manifest_parquet"]), check_dtype=False)
+    assert {"slide", "x", "y", "mpp", "size", "rl2"} <= set(table.columns)
+    for sid in ("good-1", "good-2"):
+        found = read_slide(root, sid)
+        part = table[table.slide == sid]
+        kept = found["coords"][found["keep"]]
+        assert len(part) == len(kept) == found["attrs"]["n_keep"]
+        assert np.array_equal(part[["x", "y"]].to_numpy(), kept)
+        assert np.allclose(part["rl2"], found["rl2"][found["keep"]], rtol=1e-6)
+        assert set(part["mpp"]) == {0.5} and set(part["size"]) == {64}
+    assert not set(table.slide) & {"broken", "empty", "nompp"}
+
+
+def test_rerun_skips_done_slides_and_redoes_the_rest(faulty_run, qc_kit):
+    out, report_dir, config = faulty_run["out"], faulty_run["report_dir"], faulty_run["config"]
+    root = open_store(out, create=False)
+    before = {sid: read_slide(root, sid) for sid in ("good-1", "good-2")}
+    # an interrupted write of good-2: its group exists but is not marked done
+    g = zarr.open_group(out, mode="r+", use_consolidated=False)
+    g["good-2"].update_attributes({"status": "writing"})
+
+    paths = faulty_run["paths"]
+    rows = {r["slide"]: r for r in run_slides(paths, qc_kit.scorer, qc_kit.calibration, config, out, report_dir)}
+    assert rows["good-1"]["status"] == "skipped" and rows["good-2"]["status"] == "done"
+    assert rows["good-1"]["n_tiles"] == before["good-1"]["attrs"]["n_tiles"]  # a skipped row still reports
+    assert rows["good-1"]["rl2_median"] == pytest.approx(float(np.median(before["good-1"]["rl2"])))
+    assert {rows[s]["status"] for s in ("broken", "empty", "nompp")} == {"failed"}  # failed ones are retried
+    after = read_slide(open_store(out, create=False), "good-2")
+    assert after["attrs"]["status"] == "done"
+    assert np.array_equal(after["rl2"], before["good-2"]["rl2"]) and np.array_equal(after["keep"],
+                                                                                     before["good-2"]["keep"])
+    good = [p for p in paths if p.stem == "good-1"]
+    # --force redoes everything; a config that changes results (another min_tissue) redoes too
+    forced = run_slides(good, qc_kit.scorer, qc_kit.calibration, config, out, report_dir, force=True)
+    assert forced[0]["status"] == "done"
+    other = load_config(qc_kit.config, overrides={"tiles": {"min_tissue": 0.9}})
+    changed = run_slides(good, qc_kit.scorer, qc_kit.calibration, other, out, report_dir)
+    assert changed[0]["status"] == "done" and changed[0]["n_tiles"] < forced[0]["n_tiles"]
+    # a setting that does not change results (the number of workers) does not redo anything
+    same = run_slides(good, qc_kit.scorer, qc_kit.calibration, {**other, "run": {**other["run"], "workers": 1,
+                                                                                       "overlays": False}},
+                      out, report_dir)
+    assert same[0]["status"] == "skipped"
+
+
+def test_bad_scorer_or_calibration_is_refused_before_any_slide(qc_kit, tmp_path):
+    config = _config(qc_kit)
+    out = tmp_path / "qc.zarr"
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_slides(qc_kit.slides[:1], tmp_path / "no-scorer", qc_kit.calibration, config, out, tmp_path / "r")
+    with pytest.raises(ConfigError, match="not found"):
+        run_slides(qc_kit.slides[:1], qc_kit.scorer, tmp_path / "none.json", config, out, tmp_path / "r")
+    other = json.loads(qc_kit.calibration.read_text())
+    other["scorer_fingerprint"] = "0123456789abcdef"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="fingerprint 0123456789abcdef"):
+        run_slides(qc_kit.slides[:1], qc_kit.scorer, tmp_path / "other.json", config, out, tmp_path / "r")
+    bound = load_config(qc_kit.config, overrides={"tiles": {"size": 96}})
+    with pytest.raises(ConfigError, match="tiles.size=64 but the config asks for 96"):
+        run_slides(qc_kit.slides[:1], qc_kit.scorer, qc_kit.calibration, bound, out, tmp_path / "r")
+    assert not out.exists() and not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_export_tiles_writes_kept_tiles_at_tile_mpp(faulty_run, tmp_path):
+    counts = export_tiles(faulty_run["out"], tmp_path / "tiles", ["good-1"])
+    root = open_store(faulty_run["out"], create=False)
+    found = read_slide(root, "good-1")
+    files = sorted((tmp_path / "tiles" / "good-1").glob("*.png"))
+    assert counts == {"good-1": int(found["keep"].sum())} and len(files) == counts["good-1"]
+    assert not (tmp_path / "tiles" / "good-2").exists()
+    x, y = found["coords"][found["keep"]][0]
+    with Image.open(tmp_path / "tiles" / "good-1" / f"good-1_x{x}_y{y}.png") as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+        image = np.asarray(im)
+    from wsi_qc.slide import Slide
+
+    with Slide(faulty_run["folder"] / "good-1.tif") as slide:
+        assert np.array_equal(image, slide.read_region((int(x), int(y)), (64, 64), 0.5))
+    assert image.std() > 5  # tissue, not background
+
+
+# ---------------------------------------------------------------- the HTML report in a browser
+
+
+_PROBE = """<script>
+window.addEventListener('load', function () {
+  function order() {
+    return Array.prototype.map.call(document.querySelectorAll('#slides tbody tr'),
+                                    function (tr) { return tr.getAttribute('data-slide'); }).join('|');
+  }
+  var out = {images: [], failedRows: document.querySelectorAll('#slides tbody tr.failed').length,
+             failedText: (document.querySelector('ul.failures') || {}).textContent || ''};
+  document.querySelectorAll('#slides img').forEach(function (img) {
+    out.images.push([img.closest('tr').getAttribute('data-slide'), img.naturalWidth, img.src.slice(0, 22)]);
+  });
+  var th = document.querySelector('th[data-col="rl2_median"]');
+  th.click(); out.asc = order(); th.click(); out.desc = order();
+  document.querySelector('th[data-col="slide"]').click(); out.bySlide = order();
+  var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+@pytest.mark.browser
+def test_report_html_in_headless_chromium(faulty_run, tmp_path):
+    binary = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (apt-get install chromium)")
+    html = faulty_run["files"]["html"].read_text(encoding="utf-8")
+    assert "http://" not in html and "https://" not in html and 'src="data:image/png;base64,' in html
+    page = tmp_path / "probe.html"  # a copy elsewhere: the page must not need files beside it
+    page.write_text(html.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+           "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=3000", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+    match = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
+    assert match, f"no probe result in the DOM (rc {dom.returncode}): {dom.stderr[-1500:]}"
+    probe = json.loads(match.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+
+    images = {}
+    for slide, width, src in probe["images"]:
+        assert src.startswith("data:image/png;base64") and width > 0  # embedded and decoded by the browser
+        images[slide] = images.get(slide, 0) + 1
+    assert images == {"good-1": 2, "good-2": 2}  # thumbnail and overlay of each done slide
+    assert probe["failedRows"] == 3 and "no mpp" in probe["failedText"] and "empty" in probe["failedText"]
+    rows = {r["slide"]: r for r in faulty_run["rows"]}
+    done = sorted(("good-1", "good-2"), key=lambda s: rows[s]["rl2_median"])
+    assert probe["asc"].split("|")[:2] == done and probe["desc"].split("|")[:2] == done[::-1]
+    assert set(probe["asc"].split("|")[2:]) == {"broken", "empty", "nompp"}  # no value: last either way
+    assert probe["bySlide"] == "broken|empty|good-1|good-2|nompp"
+
+
+# ---------------------------------------------------------------- concurrent writers
+
+
+@pytest.mark.slow
+def test_two_worker_processes_write_one_store(qc_kit, tmp_path):
+    """Two spawned workers (with reader processes) write different slides into one store at once."""
+    config = load_config(qc_kit.config, overrides={"run": {"workers": 2, "overlays": False},
+                                                   "tiles": {"workers": 1}})
+    serial_cfg = load_config(qc_kit.config, overrides={"run": {"overlays": False}})
+    rows = run_slides(qc_kit.slides, qc_kit.scorer, qc_kit.calibration, config, tmp_path / "par.zarr", tmp_path)
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert len({r["peak_rss_mb"] for r in rows}) > 1  # measured per slide in the workers
+    serial = run_slides(qc_kit.slides[1:3], qc_kit.scorer, qc_kit.calibration, serial_cfg, tmp_path / "ser.zarr",
+                        tmp_path)
+    par, ser = open_store(tmp_path / "par.zarr", create=False), open_store(tmp_path / "ser.zarr", create=False)
+    assert list_slides(par) == {p.stem: "done" for p in qc_kit.slides}
+    for row in serial:
+        a, b = read_slide(par, row["slide"]), read_slide(ser, row["slide"])
+        assert np.allclose(a["rl2"], b["rl2"], rtol=1e-5, atol=1e-6) and np.array_equal(a["coords"], b["coords"])
+    consolidated = zarr.open_group(tmp_path / "par.zarr", mode="r")
+    assert sorted(name for name, _ in consolidated.groups()) == sorted(p.stem for p in qc_kit.slides)
+
+
+@pytest.mark.slow
+def test_local_dask_cluster_runs_every_slide(qc_kit, tmp_path):
+    pytest.importorskip("distributed")
+    config = load_config(qc_kit.config, overrides={"run": {"workers": 2, "scheduler": "local", "overlays": False}})
+    rows = run_slides(qc_kit.slides[:3], qc_kit.scorer, qc_kit.calibration, config, tmp_path / "qc.zarr", tmp_path)
+    assert [r["status"] for r in rows] == ["done"] * 3 and [r["slide"] for r in rows] == ["good-0", "good-1",
+                                                                                         "good-2"]
+    root = open_store(tmp_path / "qc.zarr", create=False)
+    assert all(read_slide(root, r["slide"])["attrs"]["n_tiles"] == r["n_tiles"] > 0 for r in rows)
+
+
+def test_write_slide_groups_are_independent_of_the_root(tmp_path):
+    """Slide writers never rewrite the root's zarr.json (so concurrent writers cannot clobber each other)."""
+    root = open_store(tmp_path / "qc.zarr", attrs={"config": {"a": 1}})
+    before = (tmp_path / "qc.zarr" / "zarr.json").read_bytes()
+    for i in range(3):
+        write_slide(root, f"s{i}", coords=np.zeros((2, 2), int), rl2=np.ones(2), keep=np.ones(2, bool),
+                    grid=np.ones((1, 2), np.uint8), tissue=np.ones((4, 4), bool), attrs={"fingerprint": "f"})
+    assert (tmp_path / "qc.zarr" / "zarr.json").read_bytes() == before
+
