@@ -53,7 +53,7 @@ STUDY_DEFAULTS = {
     "example_slides": {"max": 10, "size": 8192, "mpp": 0.5},
     "levels": None, "n_degraded": 250,
     "stability_sizes": [50, 100, 300, 1000], "stability_draws": 30, "stability_replace": True,
-    "stability_cases": [["blur", 2], [CLEAN, 0]], "seed": 0,
+    "stability_cases": [["blur", 2], [CLEAN, 0]], "flow_variants": [], "seed": 0,
 }
 
 
@@ -179,29 +179,32 @@ def _degraded(images: np.ndarray, kind: str, level: float, seed: int) -> np.ndar
 
 # ---- the two studies ---------------------------------------------------------------------------
 
-def monotonicity(features_a: np.ndarray, latent_a: np.ndarray, scorer: Scorer, cache: FeatureCache,
-                 subset_b: np.ndarray, clean_b: np.ndarray, levels: dict[str, list[float]], seed: int) -> dict:
-    """RL2(A, degraded B) and FD(A, degraded B) at every level of every kind, with Spearman's rho."""
+def degraded_features(cache: FeatureCache, subset_b: np.ndarray, clean_b: np.ndarray,
+                      levels: dict[str, list[float]], seed: int) -> dict[str, list[np.ndarray]]:
+    """Features of the same tiles of B at every level of every kind (level 0: the clean features)."""
+    return {kind: [clean_b if level == 0 else
+                   cache.get(f"mono-n{len(subset_b)}-seed{seed}-{kind}-{level:g}",
+                             lambda: _degraded(subset_b, kind, level, seed)) for level in values]
+            for kind, values in levels.items()}
+
+
+def monotonicity(features_a: np.ndarray, latent_a: np.ndarray, scorer: Scorer, sets: dict[str, list[np.ndarray]],
+                 levels: dict[str, list[float]], with_fd: bool = True) -> dict:
+    """RL2(A, degraded B) and (with_fd) FD(A, degraded B) at every level of every kind, with Spearman's rho."""
     rows = {}
     for kind, values in levels.items():
-        rl2, fd = [], []
-        for level in values:
-            if level == 0:
-                feats = clean_b
-            else:
-                feats = cache.get(f"mono-n{len(subset_b)}-seed{seed}-{kind}-{level:g}",
-                                  lambda: _degraded(subset_b, kind, level, seed))
-            rl2.append(set_rl2(latent_a, scorer.latent(feats)))
-            fd.append(frechet_distance(features_a, feats))
-            log.info("%s %g: RL2 %.4f FD %.2f", kind, level, rl2[-1], fd[-1])
-        rows[kind] = {"levels": values, "rl2": rl2, "fd": fd,
-                      "rl2_spearman": spearman(values, rl2), "fd_spearman": spearman(values, fd)}
+        rl2 = [set_rl2(latent_a, scorer.latent(f)) for f in sets[kind]]
+        rows[kind] = {"levels": values, "rl2": rl2, "rl2_spearman": spearman(values, rl2)}
+        if with_fd:
+            fd = [frechet_distance(features_a, f) for f in sets[kind]]
+            rows[kind] |= {"fd": fd, "fd_spearman": spearman(values, fd)}
+            log.info("%s: RL2 %s, FD %s", kind, _fmt(rl2, ".3f"), _fmt(fd, ".1f"))
     return rows
 
 
 def stability(features_a: np.ndarray, latent_a: np.ndarray, features_b: np.ndarray, latent_b: np.ndarray,
-              sizes: list[int], draws: int, replace: bool, rng: np.random.Generator) -> dict:
-    """Mean and coefficient of variation of RL2 and FD over `draws` random draws of n tiles from each set."""
+              sizes: list[int], draws: int, replace: bool, rng: np.random.Generator, with_fd: bool = True) -> dict:
+    """Mean and coefficient of variation of RL2 and (with_fd) FD over `draws` draws of n tiles from each set."""
     out = {}
     for n in sizes:
         if n > min(len(features_a), len(features_b)):
@@ -212,11 +215,19 @@ def stability(features_a: np.ndarray, latent_a: np.ndarray, features_b: np.ndarr
             ia = rng.choice(len(features_a), n, replace=replace)
             ib = rng.choice(len(features_b), n, replace=replace)
             rl2.append(set_rl2(latent_a[ia], latent_b[ib]))
-            fd.append(frechet_distance(features_a[ia], features_b[ib]))
-        out[n] = {"rl2_mean": float(np.mean(rl2)), "rl2_cv": float(np.std(rl2, ddof=1) / np.mean(rl2)),
-                  "fd_mean": float(np.mean(fd)), "fd_cv": float(np.std(fd, ddof=1) / np.mean(fd))}
-        log.info("stability n=%d: RL2 CV %.2f %%, FD CV %.2f %%", n, 100 * out[n]["rl2_cv"], 100 * out[n]["fd_cv"])
+            if with_fd:
+                fd.append(frechet_distance(features_a[ia], features_b[ib]))
+        out[n] = {"rl2_mean": float(np.mean(rl2)), "rl2_cv": float(np.std(rl2, ddof=1) / np.mean(rl2))}
+        if with_fd:
+            out[n] |= {"fd_mean": float(np.mean(fd)), "fd_cv": float(np.std(fd, ddof=1) / np.mean(fd))}
+            log.info("stability n=%d: RL2 CV %.2f %%, FD CV %.2f %%", n, 100 * out[n]["rl2_cv"], 100 * out[n]["fd_cv"])
     return out
+
+
+def _flow_info(flow) -> dict:
+    h = flow.history_
+    return {"latent_dim": int(flow.latent_dim_), "feature_dim": int(flow.feature_dim_), "pca": flow.pca_ is not None,
+            "epochs_run": len(h["val"]), "best_epoch": int(h["best_epoch"]), "val_nll": float(h["val"][h["best_epoch"]])}
 
 
 def run_study(config: dict, study: dict, out: Path, encoder: Encoder | None = None) -> dict:
@@ -239,37 +250,46 @@ def run_study(config: dict, study: dict, out: Path, encoder: Encoder | None = No
     cache = FeatureCache(out / "features", encoder, [images_a, images_b], config["tiles"]["batch_size"])
     features_a = cache.get("A", lambda: images_a)
     features_b = cache.get("B", lambda: images_b)
-    scorer = Scorer.fit(features_a, encoder, config)
-    latent_a = scorer.latent(features_a)
-    flow = scorer.flow
-    flow_info = {"latent_dim": int(flow.latent_dim_), "feature_dim": int(flow.feature_dim_),
-                 "pca": flow.pca_ is not None, "epochs_run": len(flow.history_["val"]),
-                 "best_epoch": int(flow.history_["best_epoch"]),
-                 "val_nll": float(flow.history_["val"][flow.history_["best_epoch"]])}
-
-    mono = monotonicity(features_a, latent_a, scorer, cache, images_b[:n_degraded], features_b[:n_degraded],
-                        levels, seed)
-    stab = []
+    sets = degraded_features(cache, images_b[:n_degraded], features_b[:n_degraded], levels, seed)
+    cases = []
     for kind, level in study["stability_cases"]:
         if kind != CLEAN and kind not in LEVELS:
             raise ConfigError(f"study.stability_cases names unknown degradation {kind!r}; use {CLEAN} or one of "
                               f"{', '.join(LEVELS)}")
         level = 0.0 if kind == CLEAN else float(level)
-        feats_b = features_b if kind == CLEAN else cache.get(
-            f"B-seed{seed}-{kind}-{level:g}", lambda: _degraded(images_b, kind, level, seed))
+        cases.append((kind, level, features_b if kind == CLEAN else cache.get(
+            f"B-seed{seed}-{kind}-{level:g}", lambda: _degraded(images_b, kind, level, seed))))
+    sizes, draws, replace = study["stability_sizes"], int(study["stability_draws"]), bool(study["stability_replace"])
+
+    scorer = Scorer.fit(features_a, encoder, config)
+    latent_a = scorer.latent(features_a)
+    mono = monotonicity(features_a, latent_a, scorer, sets, levels)
+    stab = []
+    for i, (kind, level, feats_b) in enumerate(cases):
         latent_b = scorer.latent(feats_b)
-        rows = stability(features_a, latent_a, feats_b, latent_b, study["stability_sizes"],
-                         int(study["stability_draws"]), bool(study["stability_replace"]),
-                         np.random.default_rng([seed, len(stab)]))
         stab.append({"kind": kind, "level": level, "rl2_full": set_rl2(latent_a, latent_b),
-                     "fd_full": frechet_distance(features_a, feats_b), "sizes": rows})
+                     "fd_full": frechet_distance(features_a, feats_b),
+                     "sizes": stability(features_a, latent_a, feats_b, latent_b, sizes, draws, replace,
+                                        np.random.default_rng([seed, i]))})
+    variants = []
+    for overrides in study["flow_variants"] or []:
+        other = Scorer.fit(features_a, encoder, {**config, "flow": {**config["flow"], **overrides}})
+        za = other.latent(features_a)
+        rows = monotonicity(features_a, za, other, sets, levels, with_fd=False)
+        variants.append({"flow": overrides, **_flow_info(other.flow),
+                         "rl2_spearman": {k: r["rl2_spearman"] for k, r in rows.items()},
+                         "stability": [stability(features_a, za, f, other.latent(f), sizes, draws, replace,
+                                                 np.random.default_rng([seed, i]), with_fd=False)
+                                       for i, (_, _, f) in enumerate(cases)]})
+        log.info("flow variant %s: RL2 rho %s", overrides, variants[-1]["rl2_spearman"])
     return {"encoder": {"name": encoder.name, "weights": encoder.weights, "precision": encoder.precision,
                         "dim": encoder.dim},
             "tile_size": config["tiles"]["size"], "tile_mpp": config["tiles"]["mpp"],
             "tile_overlap": config["tiles"]["overlap"], "sources": sources, "n_pool": len(images),
-            "n_a": len(images_a), "n_b": len(images_b), "n_degraded": n_degraded, "flow": flow_info,
-            "monotonicity": mono, "stability_draws": int(study["stability_draws"]),
-            "stability_replace": bool(study["stability_replace"]), "stability": stab,
+            "n_a": len(images_a), "n_b": len(images_b), "n_degraded": n_degraded,
+            "flow": {"params": config["flow"], **_flow_info(scorer.flow)},
+            "monotonicity": mono, "stability_draws": draws, "stability_replace": replace, "stability": stab,
+            "flow_variants": variants,
             "cache": {"folder": str(cache.folder), "hits": cache.hits, "misses": cache.misses},
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -307,13 +327,29 @@ def markdown(result: dict) -> str:
            else "draws without replacement of n tiles from each pool")
     lines += ["", "## Sample-size stability", "",
               f"{result['stability_draws']} {how} (A: {result['n_a']} tiles, B: {result['n_b']}); "
-              f"CV = std / mean over the draws; flow fitted once on all of A."]
+              f"CV = std / mean over the draws; flow fitted once on all of A. \"mean / all tiles\" is the mean "
+              f"over the draws divided by the metric on the whole pools: its sample-size bias."]
     for case in result["stability"]:
         lines += ["", f"### A vs {_case_name(case)} (all tiles: RL2 {case['rl2_full']:.4f}, FD {case['fd_full']:.2f})",
-                  "", "| n | RL2 mean | RL2 CV % | FD mean | FD CV % |", "|---|---|---|---|---|"]
+                  "", "| n | RL2 mean | RL2 CV % | RL2 mean / all tiles | FD mean | FD CV % | FD mean / all tiles |",
+                  "|---|---|---|---|---|---|---|"]
         for n, r in case["sizes"].items():
-            lines.append(f"| {n} | {r['rl2_mean']:.4f} | {100 * r['rl2_cv']:.2f} | {r['fd_mean']:.2f} | "
-                         f"{100 * r['fd_cv']:.2f} |")
+            lines.append(f"| {n} | {r['rl2_mean']:.4f} | {100 * r['rl2_cv']:.2f} | {r['rl2_mean'] / case['rl2_full']:.2f} | "
+                         f"{r['fd_mean']:.2f} | {100 * r['fd_cv']:.2f} | {r['fd_mean'] / case['fd_full']:.2f} |")
+    if result["flow_variants"]:
+        names = [_case_name(c) for c in result["stability"]]
+        shown = [str(n) for n in result["stability"][0]["sizes"]] if result["stability"] else []
+        n = "300" if "300" in shown else (shown[0] if shown else "-")
+        lines += ["", "## RL2 under other flow settings (same features and draws; FD does not depend on the flow)", "",
+                  "| flow overrides | latent | best epoch / run | RL2 rho per kind | "
+                  + " | ".join(f"RL2 CV % at n = {n}, A vs {m}" for m in names) + " |",
+                  "|---|---|---|---|" + "---|" * len(names)]
+        for v in result["flow_variants"]:
+            cvs = [f"{100 * rows[n]['rl2_cv']:.2f}" if n in rows else "-"
+                   for rows in ({str(k): r for k, r in c.items()} for c in v["stability"])]
+            rhos = ", ".join(f"{k} {r:.2f}" for k, r in v["rl2_spearman"].items())
+            lines.append(f"| {json.dumps(v['flow'])} | {v['latent_dim']} | {v['best_epoch']} / {v['epochs_run']} | "
+                         f"{rhos} | " + " | ".join(cvs) + " |")
     lines += ["", f"Run time {result['seconds']} s; feature cache {result['cache']['folder']} "
               f"({result['cache']['hits']} sets reused, {result['cache']['misses']} encoded)."]
     return "\n".join(lines) + "\n"

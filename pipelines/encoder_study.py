@@ -36,10 +36,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
-
-import yaml
 
 from pipelines import degradation_study, make_calibration_set
 from wsi_qc.calibrate import per_artifact_auc, read_labels
@@ -165,7 +164,8 @@ class Blocks:
     def __init__(self, multi, last, stats: FeatureCache, multi_cache: FeatureCache, last_cache: FeatureCache):
         self.caches = {"multi": multi_cache, "last": last_cache, "stats": stats}
         self.slices = {f"L{lv}": s for lv, s in multi.level_slices.items()}
-        self.dims = {"last": last.dim, "stats": len(IMAGE_STATS), **{k: s.stop - s.start for k, s in self.slices.items()}}
+        self.dims = {"last": last.dim, "stats": len(IMAGE_STATS),
+                     **{k: s.stop - s.start for k, s in self.slices.items()}}
 
     def matrices(self, images: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         """Block name -> (N, d) features of the images (each cache looked up once)."""

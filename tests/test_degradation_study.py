@@ -1,4 +1,4 @@
-"""pipelines.degradation_study on a tiny generated slide with timm's random-weight test_efficientnet, 2 levels per kind."""
+"""pipelines.degradation_study on a tiny generated slide, timm's random-weight test_efficientnet, 2 levels per kind."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from PIL import Image
 
 from pipelines import degradation_study as ds
 from wsi_qc.artifacts import LEVELS
+from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
 from wsi_qc.errors import ConfigError
 
 STUDY = {"min_tiles": 0, "max_tiles": 160, "example_slides": {"max": 0, "size": 2048, "mpp": 0.5},
          "levels": {kind: [0, values[3]] for kind, values in LEVELS.items()}, "n_degraded": 16,
          "stability_sizes": [10, 40, 100], "stability_draws": 4, "stability_cases": [["noise", 30], ["clean", 0]],
-         "seed": 1}
+         "flow_variants": [{"pca_dim": 8}], "seed": 1}
 CONFIG = {"tiles": {"mpp": 1.0, "size": 64, "overlap": 32, "batch_size": 64, "workers": 0},
           "encoder": {"name": "test_efficientnet", "weights": "random", "device": "cpu"},
           "flow": {"n_blocks": 2, "hidden": 32, "epochs": 4, "patience": 2, "min_reference": 20, "device": "cpu"}}
@@ -81,6 +82,11 @@ def test_study_writes_tables_json_and_plots(study_run):
         assert list(case["sizes"]) == ["10", "40"]
         for r in case["sizes"].values():
             assert r["rl2_cv"] > 0 and r["fd_cv"] > 0 and r["rl2_mean"] > 0
+    # a flow variant: its own latent width, rho per kind and RL2 CVs per case, in its own table
+    (variant,) = result["flow_variants"]
+    assert variant["latent_dim"] == 8 and sorted(variant["rl2_spearman"]) == sorted(LEVELS)
+    assert [list(c) for c in variant["stability"]] == [["10", "40"]] * 2
+    assert "## RL2 under other flow settings" in text and '| {"pca_dim": 8} | 8 |' in text
     # the same tiles differ more from A once noise sigma 30 is added
     noisy, clean = result["stability"]
     assert noisy["rl2_full"] > clean["rl2_full"] and noisy["fd_full"] > clean["fd_full"]
@@ -95,9 +101,7 @@ def test_rerun_reuses_the_feature_cache(study_run):
 
 
 def test_feature_cache_key_changes_with_the_tiles(tmp_path):
-    encoder = ds.encoder_from_config({"encoder": {**CONFIG["encoder"], "pooling": "avg", "levels": None,
-                                                  "precision": "fp32", "channels_last": False, "compile": False,
-                                                  "model_kwargs": {}}})
+    encoder = ds.encoder_from_config(load_config(overrides={"encoder": CONFIG["encoder"]}))
     images = np.zeros((3, 32, 32, 3), np.uint8)
     a = ds.FeatureCache(tmp_path, encoder, [images], 8)
     images[0, 0, 0, 0] = 1

@@ -88,9 +88,13 @@ def _trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
     (n_a, d), n_b = a.shape, len(b)
     if min(n_a, n_b) < d:
         cross = (a @ b.T) / np.sqrt((n_a - 1) * (n_b - 1))
-    else:
-        cross = _psd_sqrt(a.T @ a / (n_a - 1)) @ _psd_sqrt(b.T @ b / (n_b - 1))
-    return float(np.linalg.svd(cross, compute_uv=False).sum())
+        return float(np.linalg.svd(cross, compute_uv=False).sum())
+    s_a, s_b = a.T @ a / (n_a - 1), b.T @ b / (n_b - 1)
+    try:  # S_a = L L^T: S_a S_b is similar to the symmetric L^T S_b L, whose eigenvalues suffice
+        low = np.linalg.cholesky(s_a)
+        return float(np.sqrt(np.clip(np.linalg.eigvalsh(low.T @ s_b @ low), 0.0, None)).sum())
+    except np.linalg.LinAlgError:  # singular S_a (a constant feature): square roots by eigendecomposition
+        return float(np.linalg.svd(_psd_sqrt(s_a) @ _psd_sqrt(s_b), compute_uv=False).sum())
 
 
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:

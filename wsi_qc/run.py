@@ -266,12 +266,12 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
 
     The scorer and calibration are loaded first: a bad one raises ConfigError before any slide is touched.
     """
-    scorer, threshold = check_inputs(scorer_path, calibration_path, config)
-    open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
-                           "threshold": threshold.to_dict(), "auc": threshold.auc_})
     run = config["run"]
     if int(run["workers"]) < 1:
         raise ConfigError(f"run.workers must be >= 1, got {run['workers']!r}; pass --workers 1 or more")
+    scorer, threshold = check_inputs(scorer_path, calibration_path, config)
+    open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
+                           "threshold": threshold.to_dict(), "auc": threshold.auc_})
     args = (str(scorer_path), str(calibration_path))
     rows: list[dict] = []
     bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SCORE_KINDS = ("rl2", "nll")
 # Config keys a scorer is bound to: loading it under other values is refused.
-BOUND_KEYS = ("encoder.name", "encoder.pooling", "encoder.levels", "tiles.mpp", "tiles.size")
+BOUND_KEYS = ("encoder.name", "encoder.pooling", "encoder.levels", "encoder.image_stats", "tiles.mpp", "tiles.size")
 
 
 def encoder_from_config(config: dict) -> Encoder:
@@ -33,7 +33,7 @@ def encoder_from_config(config: dict) -> Encoder:
     e = config["encoder"]
     return Encoder(e["name"], weights=e["weights"], pooling=e["pooling"], levels=e["levels"], device=e["device"],
                    precision=e["precision"], channels_last=e["channels_last"], compile=e["compile"],
-                   model_kwargs=e["model_kwargs"])
+                   model_kwargs=e["model_kwargs"], image_stats=e["image_stats"])
 
 
 def flow_from_config(config: dict) -> Flow:
