@@ -414,12 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    (out / "study.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "study.md").write_text(markdown(result))
-    paths = plots(result, out)
-    print(markdown(result))
-    print(f"-> {out / 'study.md'}, {out / 'study.json'}, {', '.join(map(str, paths))}")
+    write_study(result, out, markdown, plots)
     return 0
+
+
+def write_study(result: dict, out: Path, render, draw) -> None:
+    """study.json, study.md (render(result)) and the plots (draw(result, out)) of a study; print the table."""
+    (out / "study.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "study.md").write_text(render(result))
+    paths = draw(result, out)
+    print(render(result))
+    print(f"-> {out / 'study.md'}, {out / 'study.json'}, {', '.join(map(str, paths))}")
 
 
 if __name__ == "__main__":

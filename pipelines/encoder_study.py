@@ -582,11 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    (out / "study.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "study.md").write_text(markdown(result))
-    written = plots(result, out)
-    print(markdown(result))
-    print(f"-> {out / 'study.md'}, " + ", ".join(map(str, written)))
+    degradation_study.write_study(result, out, markdown, plots)
     return 0
 
 
