@@ -59,9 +59,8 @@ def labelled_images(table: pd.DataFrame, config: dict) -> np.ndarray:
     if "path" in table:
         return read_tile_images(table["path"], size)
     images = np.zeros((len(table), size, size, 3), np.uint8)
-    s = config["slide"]
     for slide_path, rows in table.groupby("slide"):
-        with Slide(slide_path, mpp=s["mpp"], mpp_fallback=s["mpp_fallback"]) as slide:
+        with Slide.from_config(slide_path, config) as slide:
             for i, row in rows.iterrows():
                 images[i] = slide.read_region((int(row.x), int(row.y)), (size, size), config["tiles"]["mpp"])
     return images

@@ -41,7 +41,7 @@ def cmd_tiles(args) -> int:
     from wsi_qc.tiles import tile_slide
 
     config = _config(args)
-    with Slide(args.slide, mpp=config["slide"]["mpp"], mpp_fallback=config["slide"]["mpp_fallback"]) as slide:
+    with Slide.from_config(args.slide, config) as slide:
         thumbnail, thumbnail_mpp, tissue, tiles = tile_slide(slide, config)
         out = Path(args.out or f"{slide.id}_tiles.png")
         tiles_png(out, thumbnail, thumbnail_mpp, slide.mpp, tiles.coords,
@@ -61,8 +61,7 @@ def _features_of_inputs(inputs: list[str], encoder, config: dict) -> np.ndarray:
         if item.is_dir():
             parts.append(folder_features(item, encoder, config)[1])
         else:
-            s = config["slide"]
-            with Slide(item, mpp=s["mpp"], mpp_fallback=s["mpp_fallback"]) as slide:
+            with Slide.from_config(item, config) as slide:
                 parts.append(slide_features(slide, encoder, config)[-1])
     return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
 
@@ -93,8 +92,7 @@ def cmd_score(args) -> int:
         paths, features = folder_features(item, scorer.encoder, config)
         keys = [{"path": str(p)} for p in paths]
     else:
-        s = config["slide"]
-        with Slide(item, mpp=s["mpp"], mpp_fallback=s["mpp_fallback"]) as slide:
+        with Slide.from_config(item, config) as slide:
             _, _, _, tiles, features = slide_features(slide, scorer.encoder, config)
             keys = [{"slide": slide.id, "x": int(x), "y": int(y)} for x, y in tiles.coords]
     scores = scorer.scores(features)

@@ -192,8 +192,7 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
             return _summary(slide_id, path, found["attrs"], found["rl2"], "skipped", time.perf_counter() - start)
         _reset_peak_rss()
         timings, t = {}, config["tiles"]
-        s = config["slide"]
-        with Slide(path, mpp=s["mpp"], mpp_fallback=s["mpp_fallback"]) as slide:
+        with Slide.from_config(path, config) as slide:
             t0 = time.perf_counter()
             thumbnail, thumb_mpp, tissue, tiles = tile_slide(slide, config)
             timings["tile_s"] = round(time.perf_counter() - t0, 3)

@@ -282,6 +282,11 @@ class Slide:
         log.debug("opened %s with %s, mpp %.4g, %d steps", p, self.backend, self.mpp, self.level_count)
 
     @classmethod
+    def from_config(cls, path: str | Path, config: dict) -> "Slide":
+        """Open a slide with the config's `slide` section (mpp override and fallback)."""
+        return cls(path, mpp=config["slide"]["mpp"], mpp_fallback=config["slide"]["mpp_fallback"])
+
+    @classmethod
     def from_array(cls, array: np.ndarray, mpp: float, name: str = "array") -> Slide:
         """An in-memory slide of an (H, W, 3) uint8 RGB array at level-0 `mpp`."""
         a = np.asarray(array)
