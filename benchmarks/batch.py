@@ -27,7 +27,7 @@ import numpy as np
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
 from wsi_qc.run import collect_slides, run_slides
-from wsi_qc.scorer import Scorer, encoder_from_config
+from wsi_qc.scorer import Scorer, encoder_from_config, slide_features
 from wsi_qc.slide import Slide
 from wsi_qc.threshold import Threshold
 from wsi_qc.tiles import iter_tile_batches, tile_slide
@@ -49,16 +49,13 @@ def make_folder(folder: Path, sizes: list[int], real: bool) -> list[Path]:
 
 def fit_scorer(reference: Path, config: dict, workdir: Path) -> tuple[Path, Path]:
     encoder = encoder_from_config(config)
-    tiles_cfg = config["tiles"]
     with Slide(reference) as slide:
-        _, _, _, tiles = tile_slide(slide, config)
-        batches = iter_tile_batches(slide, tiles, batch_size=tiles_cfg["batch_size"], workers=0)
-        features = np.concatenate([encoder(images) for _, images in batches])
+        features = slide_features(slide, encoder, config).features
     scorer = Scorer.fit(features, encoder, config)
     scorer.save(workdir / "scorer")
     scores = scorer.score(features)
     Threshold(n_bootstrap=50).fit(scores, (scores > np.percentile(scores, 80)).astype(int)).save(
-        workdir / "calibration.json", scorer.fingerprint)
+        workdir / "calibration.json", scorer.fingerprint, config["score"])
     return workdir / "scorer", workdir / "calibration.json"
 
 

@@ -57,10 +57,10 @@ def qc_kit(tmp_path_factory) -> QCKit:
     config = load_config(config_path)
     encoder = encoder_from_config(config)
     with Slide(slides[0]) as slide:
-        features = slide_features(slide, encoder, config)[-1]
+        features = slide_features(slide, encoder, config).features
     scorer = Scorer.fit(features, encoder, config)
     scorer.save(root / "scorer")
     scores = scorer.score(features)
     labels = (scores > np.median(scores)).astype(int)  # synthetic: the worse half is "bad"
-    Threshold(n_bootstrap=20).fit(scores, labels).save(root / "calibration.json", scorer.fingerprint)
+    Threshold(n_bootstrap=20).fit(scores, labels).save(root / "calibration.json", scorer.fingerprint, config["score"])
     return QCKit(root, slides, config_path, root / "scorer", root / "calibration.json")

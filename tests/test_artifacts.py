@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import laplace
 from skimage import data
 
-from wsi_qc.artifacts import (ARTIFACT_KINDS, DEGRADATION_KINDS, DIFFUSION_T, LEVELS, SEVERITIES, degrade,
+from wsi_qc.artifacts import (LOCAL_COVER, ARTIFACT_KINDS, DEGRADATION_KINDS, DIFFUSION_T, LEVELS, SEVERITIES, degrade,
                               make_artifact)
 from wsi_qc.errors import ConfigError
 
@@ -126,8 +126,16 @@ def test_degrade_refuses_bad_input(batch):
 
 def test_artifact_kinds():
     assert set(ARTIFACT_KINDS) == {"blur", "defocus", "pen", "fold", "bubble", "overstain", "understain",
-                                   "jpeg", "noise", "debris"}
+                                   "jpeg", "noise", "debris", "small_bubble", "small_debris", "small_pen"}
     assert SEVERITIES == (1, 2, 3)
+
+
+@pytest.mark.parametrize("kind", ["small_bubble", "small_debris", "small_pen"])
+def test_local_artifacts_cover_5_to_20_percent_of_the_tile(tile, kind):
+    for severity, cover in zip(SEVERITIES, LOCAL_COVER):
+        out = make_artifact(tile, kind, severity, np.random.default_rng(severity))
+        changed = (np.abs(out.astype(int) - tile.astype(int)).max(-1) > 12).mean()
+        assert 0.5 * cover < changed < 2.0 * cover, (kind, severity, changed)
 
 
 @pytest.mark.parametrize("kind", ARTIFACT_KINDS)

@@ -122,7 +122,7 @@ def test_log_det_matches_the_jacobian():
         jac = torch.autograd.functional.jacobian(lambda v: inn(v[None])[0][0], u[i])
         assert torch.linalg.slogdet(jac)[1].item() == pytest.approx(log_jac[i].item(), abs=1e-6)
     back, _ = inn(z, rev=True)
-    torch.testing.assert_close(back, u)
+    torch.testing.assert_close(back, u, atol=1e-5, rtol=1e-5)  # the float32 rotations are orthogonal to ~1e-7
     inn.float()
     d = z.shape[1]
     manual = 0.5 * (z ** 2).sum(1) / d + 0.5 * math.log(2 * math.pi) - log_jac / d

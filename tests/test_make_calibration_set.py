@@ -22,7 +22,7 @@ def slide(tmp_path_factory) -> Path:
 
 
 def write_config(path: Path, **own) -> Path:
-    section = {"n_clean": 40, "min_tissue": 0.5, "reference_fraction": 0.4, "artifact_fraction": 0.5, "seed": 3,
+    section = {"n_clean": 60, "min_tissue": 0.5, "reference_fraction": 0.4, "artifact_fraction": 0.5, "seed": 3,
                **own}
     path.write_text(yaml.safe_dump({"tiles": {"size": 64}, "calibration_set": section}))
     return path
@@ -42,18 +42,18 @@ def test_calibration_set_from_a_slide(slide, tmp_path):
     ref = [r for r in rows if r["split"] == "reference"]
     good = [r for r in rows if r["split"] == "calibration" and r["label"] == "0"]
     bad = [r for r in rows if r["label"] == "1"]
-    # 40 source tiles: 16 reference, of the other 24 half get artifacts at severities 1..3
-    assert (len(ref), len(good), len(bad)) == (16, 12, 36)
+    # 60 source tiles: 24 reference, of the other 36 half get artifacts at severities 1..3
+    assert (len(ref), len(good), len(bad)) == (24, 18, 54)
     assert {r["label"] for r in ref} == {"0"}
     assert {r["split"] for r in bad} == {"calibration"}
     assert {int(r["severity"]) for r in bad} == {1, 2, 3} and {r["severity"] for r in ref + good} == {"0"}
-    # kinds are dealt in turn: 12 artifact source tiles over 10 kinds -> every kind at least once
+    # kinds are dealt in turn: 18 artifact source tiles over 13 kinds -> every kind at least once
     assert {r["artifact"] for r in bad} == set(ARTIFACT_KINDS)
     # reference, good and artifact tiles come from disjoint source tiles (and positions)
     def sources(part):
         return {(r["source"], r["x"], r["y"]) for r in part}
     assert not sources(ref) & sources(good) and not sources(ref) & sources(bad) and not sources(good) & sources(bad)
-    assert len({(r["x"], r["y"]) for r in rows}) == 40
+    assert len({(r["x"], r["y"]) for r in rows}) == 60
     # every file exists as a 64 px RGB tile; clean tiles are the slide's pixels, artifact tiles are not
     with Slide(slide) as s:
         for r in rows:

@@ -23,7 +23,8 @@ from PIL import Image
 
 from wsi_qc.config import load_config
 from wsi_qc.errors import ConfigError
-from wsi_qc.run import collect_slides, export_tiles, prefetch, run_slides, write_run_report
+from wsi_qc.run import collect_slides, export_tiles, run_slides, write_run_report
+from wsi_qc.tiles import prefetch
 from wsi_qc.store import list_slides, open_store, read_slide, write_slide
 
 PATTERN = "*.svs,*.tif,*.tiff"

@@ -16,7 +16,7 @@ from wsi_qc import cli
 from wsi_qc.config import load_config
 from wsi_qc.data import _stain_images
 from wsi_qc.errors import ConfigError
-from wsi_qc.scorer import Scorer, encoder_from_config, folder_features
+from wsi_qc.scorer import Scorer, aggregate, encoder_from_config, folder_features
 
 SMALL = {"encoder": {"name": "resnet18", "weights": "random"}, "tiles": {"size": 64, "batch_size": 32, "workers": 0},
          "flow": {"n_blocks": 2, "hidden": 64, "epochs": 15, "patience": 5, "min_reference": 20},
@@ -59,7 +59,8 @@ def test_fit_reference_writes_a_scorer_with_meta(setup):
     root, _ = setup
     meta = json.loads((root / "scorer" / "meta.json").read_text())
     assert (root / "scorer" / "flow.safetensors").is_file()
-    assert meta["encoder"]["name"] == "resnet18" and meta["bound"]["tiles.size"] == 64
+    assert meta["encoder"]["name"] == "resnet18" and meta["scorer"]["config"]["tiles"]["size"] == 64
+    assert meta["scorer"]["kind"] == "pooled" and meta["scorer"]["format"] == 2
     assert re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"])
 
 
@@ -149,3 +150,77 @@ def test_fit_reference_refuses_too_few_tiles_saying_how_many(setup, tmp_path, ca
     _write(tmp_path / "few", _crops(5, 3))
     code = cli.main(["fit-reference", str(tmp_path / "few"), "--out", str(tmp_path / "s"), "--config", str(cfg)])
     assert code == 2 and "at least 20" in capsys.readouterr().err
+
+
+def test_score_needs_no_config_the_scorer_carries_its_own(setup, tmp_path):
+    root, cfg = setup
+    out = tmp_path / "noconfig.csv"
+    assert cli.main(["score", str(root / "good"), "--scorer", str(root / "scorer"), "--out", str(out)]) == 0
+    withcfg = tmp_path / "withconfig.csv"
+    assert cli.main(["score", str(root / "good"), "--scorer", str(root / "scorer"), "--config", str(cfg),
+                     "--out", str(withcfg)]) == 0
+    assert out.read_text() == withcfg.read_text()
+    loaded = Scorer.load(root / "scorer")
+    assert loaded.config["tiles"]["size"] == 64 and loaded.encoder.name == "resnet18"
+
+
+def test_scorer_of_another_format_is_refused_naming_the_fix(setup, tmp_path):
+    root, _ = setup
+    import shutil
+
+    shutil.copytree(root / "scorer", tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "meta.json").read_text())
+    meta["scorer"]["format"] = 1
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="scorer format 1.*refit"):
+        Scorer.load(tmp_path / "old")
+
+
+def test_aggregate_rules():
+    maps = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
+    np.testing.assert_array_equal(aggregate(maps, "max"), [19, 39])
+    np.testing.assert_array_equal(aggregate(maps, "mean"), [9.5, 29.5])
+    np.testing.assert_array_equal(aggregate(maps, "top10"), [18.5, 38.5])  # the 2 largest of 20
+    with pytest.raises(ConfigError, match="top5"):
+        aggregate(maps, "median")
+
+
+LOCAL = {"encoder": {"levels": [1, 2, 3], "grid": 7}, "tiles": {"size": 112, "batch_size": 32, "workers": 0},
+         "flow": {"pca_dim": 24, "n_blocks": 2, "hidden": 64, "epochs": 6, "patience": 3, "batch_size": 512,
+                  "min_reference": 20},
+         "score": {"aggregate": "max"}}
+
+
+@pytest.fixture(scope="module")
+def local_scorer(tmp_path_factory):
+    config = load_config(overrides=LOCAL)
+    encoder = encoder_from_config(config)
+    reference = _crops(60, 10, size=112)
+    features = encoder(reference)
+    scorer = Scorer.fit(features, encoder, config)
+    path = scorer.save(tmp_path_factory.mktemp("local") / "scorer")
+    return scorer, path, features
+
+
+def test_local_scorer_keeps_a_map_and_round_trips(local_scorer):
+    scorer, path, features = local_scorer
+    assert scorer.kind == "local" and features.shape == (60, 7, 7, scorer.encoder.dim)
+    scores, maps = scorer.score_tiles(features)
+    assert maps.shape == (60, 7, 7) and np.array_equal(scores, maps.reshape(60, -1).max(1))
+    loaded = Scorer.load(path)
+    assert loaded.kind == "local" and loaded.meta["scorer"]["kind"] == "local"
+    np.testing.assert_allclose(loaded.score(features), scores, rtol=1e-5)
+    assert len(loaded.heldout_scores()) == 12  # val_fraction 0.2 of 60 tiles, held out whole
+
+
+def test_local_scores_are_highest_where_a_patch_was_pasted(local_scorer):
+    scorer, _, _ = local_scorer
+    tiles = _crops(8, 11, size=112)
+    pasted = tiles.copy()
+    pasted[:, 8:40, 8:40] = (40, 30, 28)  # a dark speck of debris in the top-left corner
+    _, clean_maps = scorer.score_tiles(scorer.encoder(tiles))
+    _, maps = scorer.score_tiles(scorer.encoder(pasted))
+    inside = maps[:, :3, :3].mean((1, 2))  # grid cells of 16 px: rows/cols 0-2 cover the patch
+    outside = maps[:, 4:, 4:].mean((1, 2))
+    assert (inside > outside).all()
+    assert (inside > clean_maps[:, :3, :3].mean((1, 2))).all()

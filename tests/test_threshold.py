@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from wsi_qc import __version__
 from wsi_qc.errors import ConfigError, NotFittedError
-from wsi_qc.threshold import Threshold
+from wsi_qc.threshold import Threshold, conformal_threshold
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_save_load_round_trip_and_fingerprint_check(data, tmp_path):
     assert d["rule"] == "tpr" and d["value"] == 0.9 and d["n_good"] == 300 and d["n_bad"] == 120
     assert d["threshold"] == t.threshold_ and d["auc"] == t.auc_ and d["auc_ci"] == list(t.auc_ci_)
     assert d["roc"]["thresholds"][0] is None  # roc_curve's leading inf
-    assert d == {**t.to_dict(), "scorer_fingerprint": "fp-abc"}
+    assert d == {**t.to_dict(), "scorer_fingerprint": "fp-abc", "score": None}
 
     u = Threshold.load(path, "fp-abc")
     assert (u.rule, u.value, u.threshold_, u.auc_, u.auc_ci_) == (t.rule, t.value, t.threshold_, t.auc_, t.auc_ci_)
@@ -214,3 +214,27 @@ def test_bool_and_float_labels_are_accepted(data):
     b = Threshold(n_bootstrap=0).fit(scores, labels.astype(bool))
     c = Threshold(n_bootstrap=0).fit(scores, labels.astype(float))
     assert a.threshold_ == b.threshold_ == c.threshold_
+
+
+def test_conformal_threshold_is_the_finite_sample_quantile():
+    scores = np.arange(1, 100, dtype=float)  # 99 held-out scores 1..99
+    assert conformal_threshold(scores, 0.05) == 95.0  # ceil(100 * 0.95) = 95th smallest
+    assert conformal_threshold(scores[:10], 0.05) == 10.0  # too few scores: the largest
+    rng = np.random.default_rng(0)
+    held, new = rng.standard_normal(500), rng.standard_normal(100000)
+    assert np.mean(new > conformal_threshold(held, 0.02)) == pytest.approx(0.02, abs=0.015)
+    with pytest.raises(ConfigError, match="false-discard rate"):
+        conformal_threshold(scores, 1.5)
+
+
+def test_label_free_threshold_round_trip_and_score_binding(tmp_path):
+    t = Threshold("false_discard", 0.02).fit_label_free(np.linspace(0, 1, 201))
+    assert t.threshold_ == pytest.approx(0.985, abs=0.006) and t.n_bad_ == 0
+    score = {"kind": "rl2", "aggregate": "top5"}
+    t.save(tmp_path / "c.json", "fp", score)
+    assert Threshold.load(tmp_path / "c.json", "fp", score).threshold_ == t.threshold_
+    with pytest.raises(ConfigError, match="recalibrate") as err:
+        Threshold.load(tmp_path / "c.json", "fp", {"kind": "nll", "aggregate": "top5"})
+    assert "nll" in str(err.value)
+    with pytest.raises(ConfigError, match="false_discard"):
+        Threshold("youden").fit_label_free(np.ones(10))

@@ -34,7 +34,9 @@ LEVELS: dict[str, tuple[float, ...]] = {
 DEGRADATION_KINDS: tuple[str, ...] = tuple(LEVELS)
 
 ARTIFACT_KINDS: tuple[str, ...] = ("blur", "defocus", "pen", "fold", "bubble", "overstain", "understain",
-                                   "jpeg", "noise", "debris")
+                                   "jpeg", "noise", "debris", "small_bubble", "small_debris", "small_pen")
+# Local kinds cover a small part of the tile: 5, 10 or 20 % of its area at severity 1, 2, 3.
+LOCAL_COVER: tuple[float, ...] = (0.05, 0.10, 0.20)
 SEVERITIES: tuple[int, ...] = (1, 2, 3)
 
 # DDPM linear schedule (Ho et al. 2020): beta_t from 1e-4 to 0.02 over T = 1000 steps.
@@ -121,7 +123,8 @@ def make_artifact(image: np.ndarray, kind: str, severity: int, rng: np.random.Ge
     strokes: green, blue or black), fold (tissue folded over itself: darker, more saturated band),
     bubble (air bubble: pale disc, dark rim), overstain / understain (H and E concentrations
     scaled in HED space), jpeg (heavy compression), noise (Gaussian sensor noise), debris (dark
-    dust particles and fibres).
+    dust particles and fibres); small_bubble, small_debris, small_pen: one bubble, one speck of dust or
+    one ink blot covering LOCAL_COVER[severity - 1] of the tile (5-20 %), the rest untouched.
     """
     _check_kind(kind, ARTIFACT_KINDS, "artifact")
     image = np.asarray(image)
@@ -321,7 +324,47 @@ def _debris(image, severity, rng):
     return _to_uint8(out)
 
 
+def _blob(h: int, w: int, cover: float, rng: np.random.Generator) -> np.ndarray:
+    """Soft mask of one irregular blob inside the tile covering about `cover` of its area."""
+    r = np.sqrt(cover * h * w / np.pi)
+    cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+    yy, xx = np.mgrid[0:h, 0:w]
+    angle = np.arctan2(yy - cy, xx - cx)
+    wobble = sum(rng.uniform(0.05, 0.15) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    d = np.hypot(yy - cy, xx - cx) / (r * (1 + wobble))
+    return np.clip((1.0 - d) * r / 2.0 + 0.5, 0.0, 1.0)
+
+
+def _small_bubble(image, severity, rng):
+    h, w = image.shape[:2]
+    r = np.sqrt(LOCAL_COVER[severity - 1] * h * w / np.pi)
+    cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+    yy, xx = np.mgrid[0:h, 0:w]
+    d = np.hypot(yy - cy, xx - cx)
+    img = image.astype(np.float32)
+    pale = 0.45 * ndimage.gaussian_filter(img, sigma=(2, 2, 0)) + 0.55 * 245.0
+    inside = np.clip(r - d + 0.5, 0.0, 1.0)[..., None]
+    ring = np.exp(-0.5 * ((d - r) / max(1.5, 0.08 * r)) ** 2)[..., None]
+    out = img * (1 - inside) + pale * inside
+    return _to_uint8(out * (1 - 0.65 * ring) + 60.0 * 0.65 * ring)
+
+
+def _small_debris(image, severity, rng):
+    h, w = image.shape[:2]
+    alpha = _blob(h, w, LOCAL_COVER[severity - 1], rng) * _mottle((h, w), 3.0, 0.15, rng)
+    alpha = alpha[..., None] * rng.uniform(0.8, 0.95)
+    return _to_uint8(image.astype(np.float32) * (1 - alpha) + np.array([45.0, 35.0, 30.0]) * alpha)
+
+
+def _small_pen(image, severity, rng):
+    h, w = image.shape[:2]
+    ink = np.array(_INK[rng.choice(list(_INK))])
+    a = (rng.uniform(0.6, 0.85) * _blob(h, w, LOCAL_COVER[severity - 1], rng) * _mottle((h, w), 5.0, 0.12, rng))
+    return _to_uint8(image.astype(np.float32) * (1.0 - a[..., None] + a[..., None] * ink))
+
+
 _ARTIFACTS = {
     "blur": _blur, "defocus": _defocus, "pen": _pen, "fold": _fold, "bubble": _bubble,
     "overstain": _overstain, "understain": _understain, "jpeg": _jpeg, "noise": _noise, "debris": _debris,
+    "small_bubble": _small_bubble, "small_debris": _small_debris, "small_pen": _small_pen,
 }

@@ -81,8 +81,18 @@ def per_artifact_auc(scores: np.ndarray, table: pd.DataFrame) -> dict[str, float
 
 def calibrate(config: dict, scorer_path: str | Path, labels=None, good=None, bad=None,
               out: str | Path = "calibration.json", roc: str | Path | None = None, verbose: bool = True) -> dict:
-    """Fit the threshold on labelled tiles; write calibration JSON and ROC PNG; print operating points."""
+    """Fit the threshold on labelled tiles (or, rule false_discard, on the scorer's held-out reference tiles);
+    write calibration JSON and ROC PNG; print operating points."""
     scorer = Scorer.load(scorer_path, config)
+    config = scorer.config
+    out = Path(out)
+    if config["threshold"]["rule"] == "false_discard":
+        threshold = Threshold(**config["threshold"]).fit_label_free(scorer.heldout_scores())
+        threshold.save(out, scorer.fingerprint, config["score"])
+        if verbose:
+            print(f"label-free threshold {threshold.threshold_:.4f}: at most {100 * threshold.value:g} % of "
+                  f"{threshold.n_good_} held-out reference tiles above it; calibration -> {out}")
+        return {"threshold": threshold.threshold_, "rule": threshold.rule, "calibration": str(out)}
     table = read_labels(labels, good, bad)
     images = labelled_images(table, config)
     features = encode(scorer.encoder, batches(images, config["tiles"]["batch_size"]), len(images), desc="labelled")
@@ -90,8 +100,7 @@ def calibrate(config: dict, scorer_path: str | Path, labels=None, good=None, bad
     y = table["label"].to_numpy()
     threshold = Threshold(**config["threshold"]).fit(scores, y)
     types = per_artifact_auc(scores, table)
-    out = Path(out)
-    threshold.save(out, scorer.fingerprint)
+    threshold.save(out, scorer.fingerprint, config["score"])
     roc = Path(roc) if roc else out.with_name(out.stem + "_roc.png")
     fpr, tpr, _ = threshold.roc_
     keep = threshold.keep(scores)

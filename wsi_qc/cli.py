@@ -51,33 +51,18 @@ def cmd_tiles(args) -> int:
     return 0
 
 
-def _features_of_inputs(inputs: list[str], encoder, config: dict) -> np.ndarray:
-    """Features of tile folders (directories) and slides (files), stacked."""
-    from wsi_qc.scorer import folder_features, slide_features
-    from wsi_qc.slide import Slide
-
-    parts = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            parts.append(folder_features(item, encoder, config)[1])
-        else:
-            with Slide.from_config(item, config) as slide:
-                parts.append(slide_features(slide, encoder, config)[-1])
-    return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
-
-
 def cmd_fit_reference(args) -> int:
-    from wsi_qc.scorer import Scorer, encoder_from_config
+    from wsi_qc.scorer import Scorer, encoder_from_config, reference_features
 
     config = _config(args)
     encoder = encoder_from_config(config)
-    features = _features_of_inputs(args.inputs, encoder, config)
-    scorer = Scorer.fit(features, encoder, config)
+    features, groups = reference_features(args.inputs, encoder, config)
+    scorer = Scorer.fit(features, encoder, config, groups=groups)
     scorer.save(args.out)
     hist = scorer.flow.history_
-    print(f"reference: {len(features)} tiles, features {features.shape[1]}-d -> latent {scorer.flow.mu_.shape[0]}-d; "
-          f"best validation NLL/dim {min(hist['val']):.4f} after {len(hist['val'])} epochs; scorer {args.out} "
-          f"(fingerprint {scorer.fingerprint})")
+    print(f"reference: {len(features)} tiles, {scorer.kind} features {features.shape[-1]}-d -> latent "
+          f"{scorer.flow.mu_.shape[0]}-d; best validation NLL/dim {min(hist['val']):.4f} after {len(hist['val'])} "
+          f"epochs; scorer {args.out} (fingerprint {scorer.fingerprint})")
     return 0
 
 
@@ -85,16 +70,17 @@ def cmd_score(args) -> int:
     from wsi_qc.scorer import Scorer, folder_features, slide_features
     from wsi_qc.slide import Slide
 
-    config = _config(args)
-    scorer = Scorer.load(args.scorer, config)
+    scorer = Scorer.load(args.scorer, _config(args))
+    config = scorer.config
     item = Path(args.input)
     if item.is_dir():
         paths, features = folder_features(item, scorer.encoder, config)
         keys = [{"path": str(p)} for p in paths]
     else:
         with Slide.from_config(item, config) as slide:
-            _, _, _, tiles, features = slide_features(slide, scorer.encoder, config)
-            keys = [{"slide": slide.id, "x": int(x), "y": int(y)} for x, y in tiles.coords]
+            found = slide_features(slide, scorer.encoder, config)
+            features = found.features
+            keys = [{"slide": slide.id, "x": int(x), "y": int(y)} for x, y in found.tiles.coords]
     scores = scorer.scores(features)
     out = Path(args.out or f"{item.stem}_scores.csv")
     with out.open("w", newline="") as fh:
@@ -113,14 +99,14 @@ def cmd_rl2(args) -> int:
     config = _config(args)
     if args.scorer:
         scorer = Scorer.load(args.scorer, config)
-        encoder = scorer.encoder
-        real = folder_features(args.real, encoder, config)[1]
+        real = folder_features(args.real, scorer.encoder, scorer.config)[1]
     else:
         encoder = encoder_from_config(config)
         real = folder_features(args.real, encoder, config)[1]
         scorer = Scorer.fit(real, encoder, config)
-    gen = folder_features(args.generated, encoder, config)[1]
-    value, lo, hi = set_rl2_ci(scorer.latent(real), scorer.latent(gen), n_bootstrap=args.bootstrap, rmse=args.rmse)
+    gen = folder_features(args.generated, scorer.encoder, scorer.config)[1]
+    value, lo, hi = set_rl2_ci(scorer.tile_latent(real), scorer.tile_latent(gen), n_bootstrap=args.bootstrap,
+                               rmse=args.rmse)
     print(f"RL2 = {value:.4f} (95 % CI {lo:.4f} to {hi:.4f}; real {len(real)} tiles, generated {len(gen)} tiles)")
     return 0
 
@@ -129,6 +115,8 @@ def cmd_calibrate(args) -> int:
     from wsi_qc.calibrate import calibrate
 
     config = _config(args)
+    if args.false_discard is not None:
+        config["threshold"].update(rule="false_discard", value=args.false_discard)
     calibrate(config, scorer_path=args.scorer, labels=args.labels, good=args.good, bad=args.bad, out=args.out,
               roc=args.roc)
     return 0
@@ -202,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rmse", action="store_true", help="divide by sqrt(latent dim)")
     p.set_defaults(func=cmd_rl2)
 
-    p = common(sub.add_parser("calibrate", help="fit the keep/discard threshold by ROC/AUC on labelled tiles"))
+    p = common(sub.add_parser("calibrate", help="fit the keep/discard threshold by ROC/AUC on labelled tiles, or "
+                                                "without labels at a false-discard rate"))
     p.add_argument("--scorer", required=True)
+    p.add_argument("--false-discard", type=float, metavar="RATE",
+                   help="no labels: cut at this false-discard rate of held-out reference tiles (e.g. 0.02)")
     p.add_argument("--labels", help="CSV with path,label (tile images) or slide,x,y,label (1 = bad)")
     p.add_argument("--good", help="folder of good tiles (instead of --labels)")
     p.add_argument("--bad", help="folder of bad tiles (instead of --labels)")

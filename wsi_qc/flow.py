@@ -160,21 +160,25 @@ class Flow:
             raise ConfigError(f"flow.n_blocks={self.n_blocks}, hidden={self.hidden}, epochs={self.epochs} and "
                               f"batch_size={self.batch_size} must all be >= 1")
 
-    def _check_reference(self, features) -> np.ndarray:
+    def _check_reference(self, features, groups) -> tuple[np.ndarray, np.ndarray]:
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2:
             raise ConfigError(f"reference features must be a 2-d array (tiles, dims), got shape {features.shape}")
         n, d = features.shape
+        groups = np.arange(n) if groups is None else np.asarray(groups)
+        if groups.shape != (n,):
+            raise ConfigError(f"groups must give one group per feature row ({n}), got shape {groups.shape}")
         if n == 0:
             raise ConfigError("the reference holds no tiles (0 feature rows); point fit-reference at slides or "
                               "tile folders with good tissue")
+        n = len(np.unique(groups))
         if n < self.min_reference:
             raise ConfigError(f"got {n} reference tiles; the flow needs at least {self.min_reference}, "
                               f"add reference tiles or lower flow.min_reference")
         if d < 2:
             raise ConfigError(f"reference features have {d} dimension; the flow needs at least 2")
         _check_finite(features, "reference")
-        return features
+        return features, groups
 
     def _n_components(self, n_train: int, d: int) -> int | None:
         """Number of PCA components, or None for no PCA (module docstring: PCA rule)."""
@@ -206,15 +210,22 @@ class Flow:
         std = np.maximum(std, max(std[0], 1e-12) * 1e-4)
         return comps.astype(np.float32), std.astype(np.float32)
 
-    def fit(self, features) -> Flow:
-        """Fit standardisation, PCA and the flow on reference features (N, D); returns self."""
+    def fit(self, features, groups=None) -> Flow:
+        """Fit standardisation, PCA and the flow on reference features (N, D); returns self.
+
+        `groups` (N,) keeps rows of one group (the positions of one tile) together on one side of the
+        validation split; `val_rows_` are the held-out row indices.
+        """
         self._check_params()
-        features = self._check_reference(features)
+        features, groups = self._check_reference(features, groups)
         n, d = features.shape
         rng = np.random.default_rng(self.seed)
-        order = rng.permutation(n)
-        n_val = min(int(round(n * self.val_fraction)), n - 2)
-        train, val = features[order[n_val:]], features[order[:n_val]]
+        names = np.unique(groups)
+        held = rng.permutation(names)[:min(int(round(len(names) * self.val_fraction)), len(names) - 1)]
+        is_val = np.isin(groups, held)
+        self.val_rows_ = np.flatnonzero(is_val)
+        train, val = features[~is_val], features[is_val]
+        train = train[rng.permutation(len(train))]
 
         self.feature_dim_ = d
         self.mean_ = train.mean(0)
@@ -227,7 +238,7 @@ class Flow:
             s = (train - self.mean_) / self.scale_
             self.pca_, self.pca_std_ = self._fit_pca(s - s.mean(0), k)
         self.latent_dim_ = d if k is None else k
-        log.info("fitting flow on %d reference tiles (%d held out), features %d-d -> latent %d-d",
+        log.info("fitting flow on %d reference vectors (%d held out), features %d-d -> latent %d-d",
                  len(train), len(val), d, self.latent_dim_)
 
         device = resolve_device(self.device, "flow")
@@ -313,8 +324,8 @@ class Flow:
         _check_finite(features, "feature")
         return features
 
-    def _run(self, features) -> tuple[np.ndarray, np.ndarray]:
-        """(z, log|det J|) of features, in batches."""
+    def latent_and_log_jac(self, features) -> tuple[np.ndarray, np.ndarray]:
+        """(z (N, D'), log|det J| (N,)) of features (N, D), in batches."""
         features = self._check_features(features)
         device = next(self.inn_.parameters()).device
         self.inn_.eval()
@@ -330,13 +341,17 @@ class Flow:
 
     def transform(self, features) -> np.ndarray:
         """Latent z (N, D') float32 of features (N, D)."""
-        return self._run(features)[0]
+        return self.latent_and_log_jac(features)[0]
+
+    @staticmethod
+    def nll_of(z: np.ndarray, log_jac: np.ndarray) -> np.ndarray:
+        """Negative log-likelihood per latent dimension (N,) float32 of latents and their log-determinants."""
+        d = z.shape[1]
+        return (0.5 * (z.astype(np.float64) ** 2).sum(1) / d + HALF_LOG_2PI - log_jac / d).astype(np.float32)
 
     def nll(self, features) -> np.ndarray:
         """Negative log-likelihood per latent dimension (N,) float32; higher = less like the reference."""
-        z, jac = self._run(features)
-        d = z.shape[1]
-        return (0.5 * (z.astype(np.float64) ** 2).sum(1) / d + HALF_LOG_2PI - jac / d).astype(np.float32)
+        return self.nll_of(*self.latent_and_log_jac(features))
 
     # ---- save / load ---------------------------------------------------------------------------
 

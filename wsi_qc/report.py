@@ -91,6 +91,7 @@ def overlay_png(
     *,
     slide_id: str | None = None,
     dpi: int = 120,
+    rl2_map: np.ndarray | None = None,
 ) -> Path:
     """Write one PNG with two panels: keep (green) / discard (red) tiles, and an rl2 heatmap.
 

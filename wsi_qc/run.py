@@ -14,14 +14,12 @@ import json
 import logging
 import multiprocessing
 import os
-import queue
 import resource
 import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
@@ -35,11 +33,11 @@ from wsi_qc.config import fingerprint
 from wsi_qc.errors import ConfigError
 from wsi_qc.report import (overlay_png, thumbnail_png, write_geojson, write_manifest, write_report_csv,
                            write_report_html)
-from wsi_qc.scorer import Scorer, encode
+from wsi_qc.scorer import Scorer, slide_features
 from wsi_qc.slide import Slide
 from wsi_qc.store import consolidate, open_store, read_slide, slide_done, slide_key, write_slide
 from wsi_qc.threshold import Threshold
-from wsi_qc.tiles import grid_image, iter_tile_batches, tile_slide
+from wsi_qc.tiles import grid_image
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
 def _load(scorer_path: str, calibration_path: str, config_json: str) -> tuple[Scorer, Threshold]:
     config = json.loads(config_json)
     scorer = Scorer.load(scorer_path, config)
-    return scorer, Threshold.load(calibration_path, scorer.fingerprint)
+    return scorer, Threshold.load(calibration_path, scorer.fingerprint, scorer.config["score"])
 
 
 def check_inputs(scorer_path: str | Path, calibration_path: str | Path, config: dict) -> tuple[Scorer, Threshold]:
@@ -131,53 +129,6 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def prefetch(items: Iterable, depth: int = 2) -> Iterator:
-    """The items of `items`, produced up to `depth` ahead by a background thread.
-
-    Slide readers (OpenSlide, tifffile codecs, PIL resizing) release the GIL, so the next batches are read
-    while the encoder works on this one. Errors in the producer are raised here; leaving early stops it.
-    """
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        it = iter(items)
-        try:
-            for item in it:
-                if not put(("item", item)):
-                    return
-            put(("end", None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            put(("error", exc))
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name="wsi-qc-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
-
-
 def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | Path, config: dict,
              out: str | Path, report_dir: str | Path, force: bool = False) -> dict:
     """QC one slide into the store; returns its report row (status done / skipped / failed, never raises)."""
@@ -191,31 +142,29 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
             found = read_slide(root, slide_id)
             return _summary(slide_id, path, found["attrs"], found["rl2"], "skipped", time.perf_counter() - start)
         _reset_peak_rss()
-        timings, t = {}, config["tiles"]
+        config = scorer.config  # the scorer's own encoder and tiles, the run's other sections
         with Slide.from_config(path, config) as slide:
+            found = slide_features(slide, scorer.encoder, config)
+            thumbnail, thumb_mpp, tissue, tiles, timings = (found.thumbnail, found.thumbnail_mpp, found.tissue,
+                                                             found.tiles, dict(found.timings))
             t0 = time.perf_counter()
-            thumbnail, thumb_mpp, tissue, tiles = tile_slide(slide, config)
-            timings["tile_s"] = round(time.perf_counter() - t0, 3)
-            t0 = time.perf_counter()
-            batches = iter_tile_batches(slide, tiles, batch_size=t["batch_size"], workers=t["workers"])
-            features = encode(scorer.encoder, prefetch(batches), len(tiles.coords), desc=slide_id)
-            timings["encode_s"] = round(time.perf_counter() - t0, 3)
-            timings["tiles_per_s"] = round(len(tiles.coords) / max(timings["encode_s"], 1e-9), 2)
-            t0 = time.perf_counter()
-            rl2 = scorer.score(features).astype(np.float32)
+            rl2, rl2_map = scorer.score_tiles(found.features)
+            rl2 = rl2.astype(np.float32)
             keep = threshold.keep(rl2)
             timings["score_s"] = round(time.perf_counter() - t0, 3)
             grid = grid_image(tiles, np.where(keep, 1, 2).astype(np.uint8))
             attrs = {"source": str(path.resolve()), "sha256_head": slide.sha256_head(), "mpp": slide.mpp,
                      "tile_mpp": tiles.mpp, "tile_size": tiles.size, "thumbnail_mpp": thumb_mpp,
                      "n_tiles": int(len(rl2)), "n_keep": int(keep.sum()), "threshold": float(threshold.threshold_),
-                     "score_kind": scorer.kind, "fingerprint": fp, "wsi_qc_version": __version__}
+                     "score_kind": scorer.score_kind, "scorer_kind": scorer.kind, "fingerprint": fp,
+                     "wsi_qc_version": __version__}
             t0 = time.perf_counter()
             if config["run"]["overlays"]:
                 report_dir = Path(report_dir)
                 size0 = tiles.size * tiles.mpp / slide.mpp
                 overlay_png(report_dir / "overlays" / f"{slide_id}.png", thumbnail, thumb_mpp, slide.mpp,
-                            tiles.coords, size0, keep, rl2, float(threshold.threshold_), slide_id=slide_id)
+                            tiles.coords, size0, keep, rl2, float(threshold.threshold_), slide_id=slide_id,
+                            rl2_map=rl2_map)
                 thumbnail_png(report_dir / "thumbnails" / f"{slide_id}.png", thumbnail)
                 write_geojson(report_dir / "geojson" / f"{slide_id}.geojson", tiles.coords, size0, keep, slide_id)
             timings["report_s"] = round(time.perf_counter() - t0, 3)
@@ -224,7 +173,8 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
             attrs["timings"] = timings
             t0 = time.perf_counter()
             write_slide(root, slide_id, coords=tiles.coords, rl2=rl2, keep=keep, grid=grid, tissue=tissue,
-                        attrs=attrs, features=features if config["run"]["save_features"] else None)
+                        attrs=attrs, rl2_map=rl2_map,
+                        features=found.features if config["run"]["save_features"] else None)
             # known only after the write: in the report row, not in the stored attrs
             timings["write_s"] = round(time.perf_counter() - t0, 3)
             timings["peak_rss_mb"] = _peak_rss_mb()

@@ -1,31 +1,64 @@
 """Scorer: a frozen encoder plus a flow fitted on reference features, saved and loaded as one directory.
 
-`rl2` (default) or `nll` is the per-tile score; both come from the same latent (see wsi_qc.rl2).
+Two kinds, told apart by the encoder's `grid`:
+
+- pooled: one feature vector per tile, one flow over them; the tile's score is its own rl2 (or nll);
+- local: one vector per position of a g x g grid over the tile (stage maps of the encoder), one flow over
+  the positions of every reference tile (CFlow-AD / FastFlow style, without positional conditioning: tissue
+  has no preferred orientation); each position gets its rl2, the map is kept (`rl2_map`), and the tile's
+  score aggregates it (`score.aggregate`: max, mean or the mean of the top K %).
+
+`rl2` (default) or `nll` is the score (`score.kind`); both come from the same latent (see wsi_qc.rl2).
+A saved scorer carries its whole config (encoder, tiles, flow, score) and the scores of held-out reference
+tiles (for the label-free threshold), so `Scorer.load(path)` needs nothing else.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from wsi_qc.config import load_config
 from wsi_qc.encoder import Encoder
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import Flow
 from wsi_qc.rl2 import tile_rl2
 from wsi_qc.slide import Slide
-from wsi_qc.tiles import iter_tile_batches, tile_slide
+from wsi_qc.tiles import Tiles, iter_tile_batches, prefetch, tile_slide
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SCORE_KINDS = ("rl2", "nll")
-# Config keys a scorer is bound to: loading it under other values is refused.
-BOUND_KEYS = ("encoder.name", "encoder.pooling", "encoder.levels", "encoder.image_stats", "tiles.mpp", "tiles.size")
+SCORER_FORMAT = 2  # bump when the scorer folder changes incompatibly
+# The config a scorer carries: these sections; all but their run-time keys are bound to it.
+SCORER_SECTIONS = ("encoder", "tiles", "flow", "score")
+RUNTIME_KEYS = {"encoder": ("device", "compile", "channels_last"), "tiles": ("workers", "batch_size", "overlap",
+                                                                            "min_tissue"),
+                "flow": ("device",), "score": ("kind", "aggregate")}
+
+
+def aggregate(maps: np.ndarray, how: str) -> np.ndarray:
+    """Tile scores (N,) of per-position score maps (N, h, w): "max", "mean" or "topK" (mean of the top K %)."""
+    flat = np.asarray(maps, dtype=np.float32).reshape(len(maps), -1)
+    if how == "max":
+        return flat.max(1)
+    if how == "mean":
+        return flat.mean(1)
+    match = re.fullmatch(r"top(\d+)", str(how))
+    if not match or not 0 < int(match[1]) <= 100:
+        raise ConfigError(f"score.aggregate={how!r} is unknown; use max, mean or topK (K = 1..100, e.g. top5)")
+    k = max(1, int(round(flat.shape[1] * int(match[1]) / 100)))
+    return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(1)
 
 
 def encoder_from_config(config: dict) -> Encoder:
@@ -33,7 +66,7 @@ def encoder_from_config(config: dict) -> Encoder:
     e = config["encoder"]
     return Encoder(e["name"], weights=e["weights"], pooling=e["pooling"], levels=e["levels"], device=e["device"],
                    precision=e["precision"], channels_last=e["channels_last"], compile=e["compile"],
-                   model_kwargs=e["model_kwargs"], image_stats=e["image_stats"])
+                   model_kwargs=e["model_kwargs"], image_stats=e["image_stats"], grid=e.get("grid"))
 
 
 def flow_from_config(config: dict) -> Flow:
@@ -77,7 +110,8 @@ def batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, n
 def encode(encoder: Encoder, batch_iter: Iterable[tuple[np.ndarray, np.ndarray]], n: int,
            desc: str = "tiles") -> np.ndarray:
     """Features (n, D) from an iterator of (index, uint8 images) batches."""
-    features = np.zeros((n, encoder.dim), np.float32)
+    grid = getattr(encoder, "grid", None)
+    features = np.zeros((n, encoder.dim) if grid is None else (n, grid, grid, encoder.dim), np.float32)
     with tqdm(total=n, desc=desc, unit="tile", leave=False, disable=None) as bar:
         for index, images in batch_iter:
             features[index] = encoder(images)
@@ -85,12 +119,49 @@ def encode(encoder: Encoder, batch_iter: Iterable[tuple[np.ndarray, np.ndarray]]
     return features
 
 
-def slide_features(slide: Slide, encoder: Encoder, config: dict):
-    """(thumbnail, thumbnail mpp, tissue, tiles, features) of one opened slide."""
+@dataclass(frozen=True, eq=False)
+class SlideFeatures:
+    """One slide read for scoring: thumbnail, tissue mask, tiles, their features and the seconds each step took."""
+
+    thumbnail: np.ndarray
+    thumbnail_mpp: float
+    tissue: np.ndarray
+    tiles: Tiles
+    features: np.ndarray
+    timings: dict
+
+
+def slide_features(slide: Slide, encoder: Encoder, config: dict) -> SlideFeatures:
+    """Tissue, tiles and features of one opened slide: the one path from a slide to features.
+
+    Tiles are read ahead by a background thread (and by `tiles.workers` reader processes) while the encoder runs.
+    """
+    t0 = time.perf_counter()
     thumbnail, thumbnail_mpp, tissue, tiles = tile_slide(slide, config)
+    t1 = time.perf_counter()
     t = config["tiles"]
-    it = iter_tile_batches(slide.path, tiles, batch_size=t["batch_size"], workers=t["workers"], slide_mpp=slide.mpp)
-    return thumbnail, thumbnail_mpp, tissue, tiles, encode(encoder, it, len(tiles.coords), desc=slide.id)
+    it = prefetch(iter_tile_batches(slide, tiles, batch_size=t["batch_size"], workers=t["workers"]))
+    features = encode(encoder, it, len(tiles.coords), desc=slide.id)
+    t2 = time.perf_counter()
+    timings = {"tile_s": round(t1 - t0, 3), "encode_s": round(t2 - t1, 3),
+               "tiles_per_s": round(len(tiles.coords) / max(t2 - t1, 1e-9), 2)}
+    return SlideFeatures(thumbnail, thumbnail_mpp, tissue, tiles, features, timings)
+
+
+def reference_features(inputs: Iterable[str | Path], encoder: Encoder, config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(features, group of each tile) of slides (files) and tile folders (directories); the group is its input."""
+    parts, groups = [], []
+    for i, item in enumerate(map(Path, inputs)):
+        if item.is_dir():
+            features = folder_features(item, encoder, config)[1]
+        else:
+            with Slide.from_config(item, config) as slide:
+                features = slide_features(slide, encoder, config).features
+        parts.append(features)
+        groups.append(np.full(len(features), i))
+    if not parts:
+        raise ConfigError("no reference inputs given; pass slides or folders of known-good tiles")
+    return np.concatenate(parts), np.concatenate(groups)
 
 
 def folder_features(folder: str | Path, encoder: Encoder, config: dict) -> tuple[list[Path], np.ndarray]:
@@ -100,9 +171,25 @@ def folder_features(folder: str | Path, encoder: Encoder, config: dict) -> tuple
     return paths, encode(encoder, batches(images, config["tiles"]["batch_size"]), len(images), desc=Path(folder).name)
 
 
-def _config_value(config: dict, dotted: str):
-    section, key = dotted.split(".")
-    return config[section][key]
+def _merge_config(saved: dict, config: dict, defaults: dict, path: Path) -> dict:
+    """The config a loaded scorer runs with: its own sections (SCORER_SECTIONS), where `config` may change the
+    run-time keys; `config` values equal to the defaults count as unset. A changed bound key is refused."""
+    merged = {**config}
+    for section in SCORER_SECTIONS:
+        merged[section] = dict(saved[section])
+        for key, want in config[section].items():
+            if _plain(want) == _plain(defaults[section].get(key)) or _plain(want) == _plain(saved[section].get(key)):
+                continue
+            if key not in RUNTIME_KEYS.get(section, ()):
+                raise ConfigError(f"scorer {path} was fitted with {section}.{key}={saved[section].get(key)!r} but the "
+                                  f"config asks for {want!r}; drop {section}.{key} from the config (the scorer knows "
+                                  f"its own) or refit with wsi-qc fit-reference")
+            merged[section][key] = want
+    return merged
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))
 
 
 class Scorer:
@@ -112,15 +199,34 @@ class Scorer:
         self.encoder = encoder
         self.flow = flow
         self.config = config
-        self.kind = config["score"]["kind"]
-        if self.kind not in SCORE_KINDS:
-            raise ConfigError(f"score.kind={self.kind!r} is unknown; use one of {', '.join(SCORE_KINDS)}")
+        self.kind = "local" if getattr(encoder, "grid", None) else "pooled"
+        self.score_kind = config["score"]["kind"]
+        if self.score_kind not in SCORE_KINDS:
+            raise ConfigError(f"score.kind={self.score_kind!r} is unknown; use one of {', '.join(SCORE_KINDS)}")
+        self.aggregate = config["score"]["aggregate"]
+        aggregate(np.zeros((1, 1, 1)), self.aggregate)  # an unknown aggregate is refused here
         self.meta: dict = {}
+        self.heldout_: dict[str, np.ndarray] = {}
 
     @classmethod
-    def fit(cls, features: np.ndarray, encoder: Encoder, config: dict) -> "Scorer":
-        """Fit the flow on reference features from `encoder`."""
-        return cls(encoder, flow_from_config(config).fit(features), config)
+    def fit(cls, features: np.ndarray, encoder: Encoder, config: dict, groups=None) -> "Scorer":
+        """Fit the flow on reference features from `encoder`: (N, D) pooled or (N, g, g, D) local.
+
+        `groups` (N,), e.g. the slide of each tile, keeps whole groups on one side of the flow's validation
+        split when there are at least 3 of them (else tiles are held out); the held-out tiles' scores are kept.
+        """
+        features = np.asarray(features, dtype=np.float32)
+        n = len(features)
+        tile_groups = np.arange(n)
+        if groups is not None and len(np.unique(groups)) >= 3:
+            tile_groups = np.unique(np.asarray(groups), return_inverse=True)[1]
+        per_tile = int(np.prod(features.shape[1:-1])) if features.ndim == 4 else 1
+        rows = features.reshape(-1, features.shape[-1])
+        flow = flow_from_config(config).fit(rows, np.repeat(tile_groups, per_tile))
+        scorer = cls(encoder, flow, config)
+        held = np.unique(flow.val_rows_ // per_tile)
+        scorer.heldout_ = scorer.score_maps_all(features[held]) if len(held) else {}
+        return scorer
 
     @property
     def fingerprint(self) -> str:
@@ -128,46 +234,91 @@ class Scorer:
             raise ConfigError("this scorer has not been saved yet; save it to give it a fingerprint")
         return self.meta["fingerprint"]
 
+    def _rows(self, features: np.ndarray) -> tuple[np.ndarray, tuple]:
+        features = np.asarray(features, dtype=np.float32)
+        want = 4 if self.kind == "local" else 2
+        if features.ndim != want:
+            raise ConfigError(f"a {self.kind} scorer scores {want}-d features, got shape {features.shape}; encode the "
+                              f"tiles with the scorer's own encoder (scorer.encoder)")
+        return features.reshape(-1, features.shape[-1]), features.shape[:-1]
+
     def latent(self, features: np.ndarray) -> np.ndarray:
-        return self.flow.transform(features)
+        """Latent z: (N, D') pooled, (N, g, g, D') local."""
+        rows, shape = self._rows(features)
+        z = self.flow.transform(rows)
+        return z.reshape(*shape, z.shape[-1])
+
+    def tile_latent(self, features: np.ndarray) -> np.ndarray:
+        """Latent z per tile (N, D'): a local scorer's mean over the tile's positions (for set-level RL2)."""
+        z = self.latent(features)
+        return z if self.kind == "pooled" else z.mean((1, 2))
+
+    def score_maps_all(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Both scores, rl2 and nll, per tile (pooled, (N,)) or per position (local, (N, g, g))."""
+        rows, shape = self._rows(features)
+        z, log_jac = self.flow.latent_and_log_jac(rows)
+        return {"rl2": tile_rl2(z, self.flow.mu_).astype(np.float32).reshape(shape),
+                "nll": self.flow.nll_of(z, log_jac).reshape(shape)}
+
+    def score_tiles(self, features: np.ndarray, kind: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tile scores (N,), per-position maps (N, g, g) or None for a pooled scorer) of score kind `kind`."""
+        values = self.score_maps_all(features)[kind or self.score_kind]
+        if self.kind == "pooled":
+            return values, None
+        return aggregate(values, self.aggregate), values
 
     def scores(self, features: np.ndarray) -> dict[str, np.ndarray]:
-        """Both per-tile scores: rl2 and nll."""
-        return {"rl2": tile_rl2(self.flow.transform(features), self.flow.mu_), "nll": self.flow.nll(features)}
+        """Both tile scores: rl2 and nll."""
+        maps = self.score_maps_all(features)
+        if self.kind == "pooled":
+            return maps
+        return {k: aggregate(v, self.aggregate) for k, v in maps.items()}
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """The configured per-tile score (score.kind)."""
-        if self.kind == "rl2":
-            return tile_rl2(self.flow.transform(features), self.flow.mu_)
-        return self.flow.nll(features)
+        """The configured tile score (score.kind, aggregated with score.aggregate for a local scorer)."""
+        return self.score_tiles(features)[0]
 
-    def bound_values(self) -> dict:
-        return {k: _config_value(self.config, k) for k in BOUND_KEYS}
+    def heldout_scores(self) -> np.ndarray:
+        """Tile scores of the reference tiles held out of fitting (for the label-free threshold)."""
+        if self.score_kind not in self.heldout_:
+            raise ConfigError("this scorer kept no held-out reference tiles; refit it with flow.val_fraction > 0")
+        values = self.heldout_[self.score_kind]
+        return values if self.kind == "pooled" else aggregate(values, self.aggregate)
 
     def save(self, path: str | Path) -> Path:
-        meta = {"encoder": self.encoder.meta(), "bound": self.bound_values(), "score_kind": self.kind,
-                "tiles": {"mpp": self.config["tiles"]["mpp"], "size": self.config["tiles"]["size"]}}
+        meta = {"encoder": self.encoder.meta(), "scorer": {
+            "format": SCORER_FORMAT, "kind": self.kind,
+            "config": {section: self.config[section] for section in SCORER_SECTIONS},
+            "heldout": {k: np.round(v.astype(np.float64), 6).tolist() for k, v in self.heldout_.items()}}}
         self.flow.save(path, meta)
         _, self.meta = Flow.load(path)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, config: dict) -> "Scorer":
-        """Load a saved scorer; a config that disagrees on encoder, pooling, levels, tile mpp or size is refused."""
+    def load(cls, path: str | Path, config: dict | None = None) -> "Scorer":
+        """Load a saved scorer with the config it was fitted with.
+
+        `config` (a full config, e.g. from load_config) may change run-time keys (RUNTIME_KEYS: device,
+        workers, batch size, score kind and aggregate, ...); a bound key it sets to a value other than both the
+        default and the scorer's own is refused, naming the key.
+        """
         path = Path(path)
+        defaults = load_config()
+        config = config or defaults
         flow, meta = Flow.load(path, device=config["flow"]["device"])
-        bound = meta.get("bound", {})
-        for key in BOUND_KEYS:
-            want = _config_value(config, key)
-            have = bound.get(key)
-            if have != want and not (isinstance(have, list) and list(want or []) == have):
-                raise ConfigError(f"scorer {path} was fitted with {key}={have!r} but the config asks for {want!r}; "
-                                  f"use the config the scorer was fitted with or refit with wsi-qc fit-reference")
-        encoder = encoder_from_config(config)
+        info = meta.get("scorer")
+        if not isinstance(info, dict) or info.get("format") != SCORER_FORMAT:
+            have = info.get("format") if isinstance(info, dict) else None
+            raise ConfigError(f"scorer {path} has scorer format {have} (wsi-qc {meta.get('wsi_qc_version', '?')}) but "
+                              f"this wsi-qc reads format {SCORER_FORMAT}; refit it with wsi-qc fit-reference")
+        merged = _merge_config(info["config"], config, defaults, path)
+        encoder = encoder_from_config(merged)
         if encoder.weights_sha256 != meta["encoder"]["weights_sha256"]:
             raise ConfigError(f"scorer {path} was fitted with encoder weights {meta['encoder']['weights_sha256']} but "
-                              f"encoder.weights={config['encoder']['weights']!r} has {encoder.weights_sha256}; "
-                              f"point encoder.weights at the original weights or refit")
-        scorer = cls(encoder, flow, config)
+                              f"encoder.weights={merged['encoder']['weights']!r} has {encoder.weights_sha256}; "
+                              f"install the original weights or refit")
+        scorer = cls(encoder, flow, merged)
         scorer.meta = meta
+        shape = (-1,) if scorer.kind == "pooled" else (-1, encoder.grid, encoder.grid)
+        scorer.heldout_ = {k: np.asarray(v, np.float32).reshape(shape) for k, v in info.get("heldout", {}).items()}
         return scorer

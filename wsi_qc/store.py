@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 MARKER = "wsi_qc"
 DONE = "done"
 WRITING = "writing"
-ARRAYS = ("coords", "rl2", "keep", "grid", "tissue", "features")
+ARRAYS = ("coords", "rl2", "keep", "grid", "tissue", "rl2_map", "features")
 
 
 def slide_key(slide_id: str) -> str:
@@ -118,7 +118,7 @@ def _array(name: str, value, ndim: int, kinds: str, dtype) -> np.ndarray:
 
 
 def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tissue, attrs: dict,
-                features=None) -> zarr.Group:
+                rl2_map=None, features=None) -> zarr.Group:
     """Write one slide's group completely, replacing any earlier one; status "done" is written last."""
     key = slide_key(slide_id)
     arrays = {
@@ -128,12 +128,15 @@ def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tis
         "grid": _array("grid", grid, 2, "iu", np.uint8),
         "tissue": _array("tissue", tissue, 2, "b", np.bool_),
     }
+    if rl2_map is not None:
+        arrays["rl2_map"] = _array("rl2_map", rl2_map, 3, "f", np.float32)
     if features is not None:
-        arrays["features"] = _array("features", features, 2, "fiu", np.float32)
+        f = np.asarray(features)
+        arrays["features"] = _array("features", f, f.ndim if f.ndim in (2, 4) else 2, "fiu", np.float32)
     n = len(arrays["rl2"])
     if arrays["coords"].shape[1:] != (2,):
         raise ConfigError(f"coords must have shape (N, 2), got {arrays['coords'].shape}")
-    for name in ("coords", "keep", "features"):
+    for name in ("coords", "keep", "rl2_map", "features"):
         if name in arrays and len(arrays[name]) != n:
             raise ConfigError(f"slide {slide_id}: {name} has {len(arrays[name])} rows but rl2 has {n}; "
                               f"pass one row per tile")
@@ -144,7 +147,7 @@ def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tis
         del root[key]
     group = root.create_group(key, attributes={"status": WRITING})
     for name, a in arrays.items():
-        dims = ("y", "x") if name in ("grid", "tissue") else None
+        dims = {"grid": ("y", "x"), "tissue": ("y", "x"), "rl2_map": ("tile", "y", "x")}.get(name)
         group.create_array(name, data=a, dimension_names=dims)
     group.update_attributes({**attrs, "status": DONE})
     return group

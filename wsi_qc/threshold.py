@@ -22,14 +22,16 @@ from wsi_qc.errors import ConfigError, NotFittedError
 
 log = logging.getLogger(__name__)
 
-RULES = ("youden", "fpr", "tpr", "fixed")
+RULES = ("youden", "fpr", "tpr", "fixed", "false_discard")
 FITTED = ("threshold_", "auc_", "auc_ci_", "roc_", "n_good_", "n_bad_")
 MIN_PER_CLASS = 1       # tiles of each class fit() needs at all
 FEW_PER_CLASS = 30      # below this many of a class, the AUC's CI is wide; fit() warns
 
 
 class Threshold:
-    """ROC-fitted cut on rl2; rule "youden" (max TPR - FPR), "fpr"/"tpr" (a target rate) or "fixed"."""
+    """Cut on the tile score: ROC-fitted by rule "youden" (max TPR - FPR), "fpr"/"tpr" (a target rate) or
+    "fixed"; or label-free, rule "false_discard" (`fit_label_free`: the conformal quantile of held-out reference
+    tile scores at the target false-discard rate `value`)."""
 
     def __init__(self, rule: str = "youden", value: float | None = None, n_bootstrap: int = 1000, seed: int = 0):
         self.rule = rule
@@ -54,7 +56,7 @@ class Threshold:
             value = None if self.value is None else float(self.value)
         except (TypeError, ValueError):
             value = None
-        if self.rule in ("fpr", "tpr") and (value is None or not 0.0 < value < 1.0):
+        if self.rule in ("fpr", "tpr", "false_discard") and (value is None or not 0.0 < value < 1.0):
             raise ConfigError(f"threshold rule {self.rule!r} needs a target rate strictly between 0 and 1, "
                               f"got value={self.value!r}; set threshold.value, e.g. 0.05")
         if self.rule == "fixed" and (value is None or not math.isfinite(value)):
@@ -83,6 +85,21 @@ class Threshold:
         self.roc_ = (fpr, tpr, thresholds)
         self.n_good_, self.n_bad_ = n_good, n_bad
         log.info("threshold %.4g (%s), AUC %.3f on %d good / %d bad tiles", cut, self.rule, self.auc_, n_good, n_bad)
+        return self
+
+    def fit_label_free(self, reference_scores) -> Threshold:
+        """Fit rule "false_discard" on the scores of held-out known-good reference tiles; returns self."""
+        self._check_params()
+        if self.rule != "false_discard":
+            raise ConfigError(f"a label-free threshold needs rule 'false_discard', got {self.rule!r}; pass "
+                              f"--false-discard RATE or set threshold.rule: false_discard and threshold.value")
+        scores = np.asarray(reference_scores, dtype=float).ravel()
+        self.threshold_ = conformal_threshold(scores, float(self.value))
+        self.auc_, self.auc_ci_ = float("nan"), (float("nan"), float("nan"))
+        self.roc_ = (np.zeros(0), np.zeros(0), np.zeros(0))
+        self.n_good_, self.n_bad_ = len(scores), 0
+        log.info("label-free threshold %.4g: %.1f %% of %d held-out reference tiles above it at most",
+                 self.threshold_, 100 * float(self.value), len(scores))
         return self
 
     def keep(self, scores) -> np.ndarray:
@@ -115,24 +132,26 @@ class Threshold:
             "threshold": float(self.threshold_), "rule": self.rule,
             "value": None if self.value is None else float(self.value),
             "n_bootstrap": int(self.n_bootstrap), "seed": int(self.seed),
-            "auc": float(self.auc_), "auc_ci": [_finite_or_none(v) for v in self.auc_ci_],
+            "auc": _finite_or_none(self.auc_), "auc_ci": [_finite_or_none(v) for v in self.auc_ci_],
             "roc": {"fpr": np.asarray(fpr, float).tolist(), "tpr": np.asarray(tpr, float).tolist(),
                     "thresholds": [_finite_or_none(v) for v in thresholds]},
             "n_good": int(self.n_good_), "n_bad": int(self.n_bad_), "wsi_qc_version": __version__,
         }
 
-    def save(self, path: str | Path, scorer_fingerprint: str) -> Path:
-        """Write the calibration JSON, tied to the fingerprint of the scorer whose scores it was fitted on."""
+    def save(self, path: str | Path, scorer_fingerprint: str, score: dict | None = None) -> Path:
+        """Write the calibration JSON, tied to the fingerprint of the scorer and the `score` settings (kind,
+        aggregate) whose scores it was fitted on."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps({**self.to_dict(), "scorer_fingerprint": scorer_fingerprint}, indent=1))
+        tmp.write_text(json.dumps({**self.to_dict(), "scorer_fingerprint": scorer_fingerprint,
+                                   "score": score}, indent=1))
         tmp.replace(path)
         return path
 
     @classmethod
-    def load(cls, path: str | Path, scorer_fingerprint: str | None) -> Threshold:
-        """Read a calibration; refuses one fitted for another scorer (None skips that check)."""
+    def load(cls, path: str | Path, scorer_fingerprint: str | None, score: dict | None = None) -> Threshold:
+        """Read a calibration; refuses one fitted for another scorer or other `score` settings (None skips)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"calibration file {path} not found; create it with "
@@ -143,7 +162,7 @@ class Threshold:
             self = cls(d["rule"], d["value"], d["n_bootstrap"], d["seed"])
             roc = d["roc"]
             self.threshold_ = float(d["threshold"])
-            self.auc_ = float(d["auc"])
+            self.auc_ = np.nan if d["auc"] is None else float(d["auc"])
             self.auc_ci_ = tuple(np.nan if v is None else float(v) for v in d["auc_ci"])
             self.roc_ = (np.asarray(roc["fpr"], float), np.asarray(roc["tpr"], float),
                          np.array([np.inf if v is None else v for v in roc["thresholds"]], float))
@@ -155,6 +174,10 @@ class Threshold:
             raise ConfigError(f"calibration {path} was fitted for scorer fingerprint {saved}, but the scorer in use "
                               f"has fingerprint {scorer_fingerprint}; recalibrate with "
                               f"wsi-qc calibrate --scorer SCORER --out {path}")
+        if score is not None and d.get("score") != score:
+            raise ConfigError(f"calibration {path} was fitted on scores {d.get('score')} but the run scores with "
+                              f"{score}; recalibrate with wsi-qc calibrate, or set score.kind / score.aggregate "
+                              f"back to the calibration's")
         self._check_params()
         self.scorer_fingerprint_ = saved
         return self
@@ -233,3 +256,19 @@ def bootstrap_auc_ci(scores: np.ndarray, labels: np.ndarray, n_bootstrap: int = 
 def _finite_or_none(v) -> float | None:
     v = float(v)
     return v if math.isfinite(v) else None
+
+
+def conformal_threshold(reference_scores, false_discard: float) -> float:
+    """Label-free cut: the split-conformal (1 - false_discard) quantile of held-out reference tile scores.
+
+    A new tile from the reference's distribution scores above it with probability at most `false_discard`
+    (the ceil((n + 1)(1 - false_discard))-th smallest of n held-out scores; the largest when n is too small).
+    """
+    scores = np.sort(np.asarray(reference_scores, dtype=np.float64).ravel())
+    if not 0 < false_discard < 1:
+        raise ConfigError(f"false-discard rate {false_discard!r} must be in (0, 1); 0.02 is typical")
+    if len(scores) == 0 or not np.isfinite(scores).all():
+        raise ConfigError(f"the label-free threshold needs finite held-out reference scores, got {len(scores)}; "
+                          f"refit the scorer with flow.val_fraction > 0")
+    rank = int(np.ceil((len(scores) + 1) * (1 - false_discard)))
+    return float(scores[min(rank, len(scores)) - 1])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,3 +254,50 @@ def tile_slide(slide: Slide, config: dict) -> tuple[np.ndarray, float, np.ndarra
     tiles = make_tiles(slide, tissue, thumbnail_mpp, g["mpp"], g["size"], overlap=g["overlap"],
                        min_tissue=g["min_tissue"])
     return thumbnail, thumbnail_mpp, tissue, tiles
+
+
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """The items of `items`, produced up to `depth` ahead by a background thread.
+
+    Slide readers (OpenSlide, tifffile codecs, PIL resizing) release the GIL, so the next batches are read
+    while the encoder works on this one. Errors in the producer are raised here; leaving early stops it.
+    """
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(("error", exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="wsi-qc-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
