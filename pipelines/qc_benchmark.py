@@ -38,6 +38,7 @@ from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import Flow
+from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS
 from wsi_qc.rl2 import tile_rl2
 from wsi_qc.scorer import aggregate, encode, batches, encoder_from_config
 from wsi_qc.slide import Slide
@@ -209,7 +210,8 @@ def collect(config: dict, own: dict, out: Path) -> TileSet:
 def features_of(ts: TileSet, config: dict, variant: dict, out: Path) -> np.ndarray:
     """Encoder features of every benchmark tile for one feature variant (cached under out/features)."""
     cfg = {**config, "encoder": {**config["encoder"], **variant}}
-    key = json.dumps({"encoder": cfg["encoder"], "tiles": config["tiles"], "n": len(ts.images)}, sort_keys=True)
+    key = json.dumps({"encoder": cfg["encoder"], "tiles": config["tiles"], "n": len(ts.images),
+                      "stats": [list(IMAGE_STATS), list(LOCAL_STATS)]}, sort_keys=True)
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = out / "features" / f"{tag}.npy"
     if cache.is_file():
@@ -273,16 +275,27 @@ def auroc(scores, labels, weights=None) -> float:
     return float(roc_auc_score(labels, scores, sample_weight=weights))
 
 
+def _source_weights(sources, n: int, seed: int):
+    """Bootstrap weights per tile: source tiles drawn with replacement, each with all its versions."""
+    names, inverse = np.unique(sources, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))[inverse]
+
+
 def bootstrap_ci(scores, labels, sources, n: int, seed: int) -> tuple[float, float]:
     """95 % percentile CI of the AUROC, resampling source tiles (with all their versions)."""
-    names, inverse = np.unique(sources, return_inverse=True)
-    rng, values = np.random.default_rng(seed), []
-    for _ in range(n):
-        w = np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))[inverse]
-        if len(np.unique(labels[w > 0])) == 2:
-            values.append(auroc(scores, labels, w))
+    values = [auroc(scores, labels, w) for w in _source_weights(sources, n, seed) if len(np.unique(labels[w > 0])) == 2]
     lo, hi = np.percentile(values, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def paired_difference(a, b, labels, sources, n: int, seed: int) -> tuple[float, float, float]:
+    """AUROC(a) - AUROC(b) on the same tiles, with a 95 % CI from the same source-tile resamples."""
+    diffs = [auroc(a, labels, w) - auroc(b, labels, w) for w in _source_weights(sources, n, seed)
+             if len(np.unique(labels[w > 0])) == 2]
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return auroc(a, labels) - auroc(b, labels), float(lo), float(hi)
 
 
 def evaluate(scores: np.ndarray, meta: dict, mask: np.ndarray, own: dict) -> dict:
@@ -310,7 +323,7 @@ def false_discards(scores, threshold: float, meta: dict, mask: np.ndarray) -> di
 
 
 def heads(own: dict, config: dict, local: bool) -> dict:
-    flow = {**config["flow"], **(own["local_flow"] if local else {}), "device": "cpu"}
+    flow = {**config["flow"], **({} if local else own["pooled_flow"]), "device": "cpu"}
     return {"flow": FlowHead(flow), "gaussian": Gaussian(), "knn": KNN(own["knn_coreset"], own["seed"])}
 
 
@@ -327,6 +340,7 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
     results = {"counts": {s: {"clean": int(((split == s) & (meta["label"] == 0)).sum()),
                               "bad": int(((split == s) & (meta["label"] == 1)).sum())} for s in SPLITS},
                "heads": {}}
+    test_scores = {}
     for name, variant in own["features"].items():
         feats = features_of(ts, config, variant, out)
         local = feats.ndim == 4
@@ -347,6 +361,7 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
             scores = candidates[chosen]
             threshold = conformal_threshold(scores[held], own["false_discard"])
             label = f"{name} {head_name}"
+            test_scores[label] = scores[split == "test"]
             results["heads"][label] = {
                 "aggregate": chosen, "selection_auroc": {a: auroc(c[sel], meta["label"][sel]) for a, c in candidates.items()},
                 "test": evaluate(scores, meta, split == "test", own), "threshold": threshold,
@@ -354,6 +369,12 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
                 "selection_discards": false_discards(scores, threshold, meta, sel),
                 "seconds": round(time.perf_counter() - t0, 1)}
             log.info("%s: test AUROC %.3f (%s)", label, results["heads"][label]["test"]["overall"], chosen)
+    test = split == "test"
+    default = own["default"]
+    results["default"] = default
+    results["versus"] = {other: paired_difference(test_scores[default], s, meta["label"][test], meta["source"][test],
+                                                  own["n_bootstrap"], own["seed"])
+                         for other, s in test_scores.items() if other != default}
     results["seconds"] = round(time.perf_counter() - start, 1)
     return results
 
@@ -370,6 +391,9 @@ def markdown(results: dict) -> str:
             f"{t[k]:.3f}" if k in t else "-")
         lines.append("| " + " | ".join([name, r["aggregate"], cell("overall")] + [cell(k) for k in kinds] + [
             f"{d['false_discard']:.3f} ({d['interior']:.3f}/{d['edge']:.3f})", f"{d['recall']:.3f}"]) + " |")
+    lines.append("")
+    lines.append(f"default ({results['default']}) minus each head, test AUROC, paired bootstrap 95 % CI: " + "; ".join(
+        f"{other} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for other, (d, lo, hi) in results["versus"].items()))
     c = results["counts"]
     lines.append("")
     lines.append("tiles (clean/bad): " + ", ".join(f"{s} {v['clean']}/{v['bad']}" for s, v in c.items()))

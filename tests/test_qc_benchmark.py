@@ -13,7 +13,8 @@ from pipelines import qc_benchmark
 TINY = {
     "encoder": {"name": "resnet18", "weights": "random"},
     "tiles": {"size": 64, "batch_size": 32, "workers": 0},
-    "flow": {"n_blocks": 2, "hidden": 32, "epochs": 3, "patience": 2, "min_reference": 10},
+    "flow": {"pca_dim": 16, "n_blocks": 2, "hidden": 32, "epochs": 3, "batch_size": 256, "patience": 2,
+             "min_reference": 10},
     "benchmark": {
         "seed": 0, "example_size": 1536, "max_tiles": 30, "artifact_fraction": 0.5,
         "kinds": ["blur", "small_debris", "defocus"], "severities": [1, 3],
@@ -22,7 +23,8 @@ TINY = {
         "aggregates": ["max", "top25", "mean"],
         "features": {"pooled": {"levels": [1, 2], "grid": None, "image_stats": True},
                      "local": {"levels": [1, 2], "grid": 4, "image_stats": True}},
-        "local_flow": {"pca_dim": 16, "n_blocks": 2, "hidden": 32, "epochs": 3, "batch_size": 256, "patience": 2},
+        "pooled_flow": {"pca_dim": None, "n_blocks": 2, "hidden": 32, "epochs": 3, "batch_size": 64, "patience": 2},
+        "default": "local flow",
     },
 }
 
@@ -47,6 +49,9 @@ def test_benchmark_prints_every_head_on_the_test_split(result, capsys):
         assert np.isfinite(r["threshold"]) and 0 <= r["test_discards"]["false_discard"] <= 1
         if name.startswith("local"):
             assert r["aggregate"] in ("max", "top25", "mean") and set(r["selection_auroc"]) == {"max", "top25", "mean"}
+    assert set(results["versus"]) == set(heads) - {"local flow"}
+    for d, lo, hi in results["versus"].values():
+        assert lo <= d <= hi or np.isclose(d, lo) or np.isclose(d, hi)
     table = (result / "results.md").read_text()
     assert "local flow" in table and "pooled gaussian" in table and "false discard" in table
 

@@ -75,7 +75,8 @@ class Encoder:
     levels: None for the last feature map, or stage indices (timm feature_info) whose outputs are used:
     pooled and concatenated, or, with `grid`, resampled to the grid and concatenated per position.
     grid: None for one vector per tile, or the side g of the per-position grid (local features; needs levels).
-    image_stats: append cheap image statistics: per tile IMAGE_STATS (pooled), per position LOCAL_STATS (grid).
+    image_stats: append cheap image statistics: per tile IMAGE_STATS (pooled); per position LOCAL_STATS plus the
+    tile's IMAGE_STATS as context (grid), so that whole-tile changes (stain, JPEG, noise) reach every position.
     """
 
     def __init__(
@@ -129,7 +130,7 @@ class Encoder:
         with torch.inference_mode():  # the feature width, whatever the head does
             probe = torch.zeros(1, *cfg["input_size"], device=self.device)
             self.network_dim = int(self._features(probe).shape[1])
-        n_stats = len(LOCAL_STATS if self.grid else IMAGE_STATS) if self.image_stats else 0
+        n_stats = len(self._stats_names())
         self.dim = self.network_dim + n_stats
         log.info("encoder %s (%s) dim=%d grid=%s on %s", name, self.weights, self.dim, self.grid, self.device)
 
@@ -204,7 +205,7 @@ class Encoder:
 
     def meta(self) -> dict:
         """JSON-able identity of the encoder, stored with every fitted scorer."""
-        stats = (LOCAL_STATS if self.grid else IMAGE_STATS) if self.image_stats else None
+        stats = self._stats_names()
         return {
             "name": self.name,
             "weights": self.weights,
@@ -219,6 +220,15 @@ class Encoder:
             "dim": self.dim,
             "timm_version": timm.__version__,
         }
+
+    def _stats_names(self) -> tuple[str, ...]:
+        """Names of the image-statistics columns: per tile IMAGE_STATS; per position LOCAL_STATS and, as the
+        position's context, its tile's IMAGE_STATS ("tile_" names)."""
+        if not self.image_stats:
+            return ()
+        if self.grid is None:
+            return IMAGE_STATS
+        return LOCAL_STATS + tuple(f"tile_{name}" for name in IMAGE_STATS)
 
     def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         if fmap.ndim != 4:
@@ -271,11 +281,14 @@ class Encoder:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = self._run(x)
             out = out.float()
-            if self.grid is not None:
-                if self.image_stats:
-                    out = torch.cat([out, local_statistics(rgb, self.grid)], dim=1)
-                return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            if self.grid is not None and self.image_stats:
+                out = torch.cat([out, local_statistics(rgb, self.grid)], dim=1)
         out = out.cpu().numpy()
+        if self.grid is not None:
+            out = np.ascontiguousarray(out.transpose(0, 2, 3, 1))
         if self.image_stats:
-            out = np.concatenate([out, image_statistics(images)], axis=1)
+            stats = image_statistics(images)
+            if self.grid is not None:  # the tile's statistics as every position's context
+                stats = np.broadcast_to(stats[:, None, None, :], out.shape[:3] + stats.shape[1:])
+            out = np.concatenate([out, stats], axis=-1)
         return out
