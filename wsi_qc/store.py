@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -75,13 +76,25 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+_HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (thread holding it, nesting depth), in this process
+
+
 @contextmanager
 def locked(path: str | Path, wait: float = 0.0) -> Iterator[Path]:
     """Hold the store's exclusive lock (flock on its lock file, released by the kernel if this process dies).
 
-    Waits up to `wait` seconds for another holder, then raises StoreLocked naming its pid and host.
+    Waits up to `wait` seconds for another holder, then raises StoreLocked naming its pid and host. The thread
+    that holds the lock may take it again (a CLI run holds it around run_slides and the report).
     """
-    lock = lock_path(path)
+    lock = lock_path(Path(path).absolute())
+    thread, depth = _HELD.get(lock, (None, 0))
+    if thread == threading.get_ident():
+        _HELD[lock] = (thread, depth + 1)
+        try:
+            yield lock
+        finally:
+            _HELD[lock] = (thread, depth)
+        return
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -97,7 +110,11 @@ def locked(path: str | Path, wait: float = 0.0) -> Iterator[Path]:
         holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
-        yield lock
+        _HELD[lock] = (threading.get_ident(), 1)
+        try:
+            yield lock
+        finally:
+            del _HELD[lock]
     finally:
         os.close(fd)
 
