@@ -182,7 +182,7 @@ def test_manifest_lists_kept_tiles_in_csv_and_parquet(faulty_run):
     assert not set(table.slide) & {"broken", "empty", "nompp"}
 
 
-def test_rerun_skips_done_slides_and_redoes_the_rest(faulty_run, qc_kit):
+def test_rerun_skips_done_slides_and_redoes_the_rest(faulty_run, qc_kit, caplog):
     out, report_dir, config = faulty_run["out"], faulty_run["report_dir"], faulty_run["config"]
     root = open_store(out, create=False)
     before = {sid: read_slide(root, sid) for sid in ("good-1", "good-2")}
@@ -215,6 +215,7 @@ def test_rerun_skips_done_slides_and_redoes_the_rest(faulty_run, qc_kit):
         run_fingerprint(other, *check_inputs(qc_kit.scorer, qc_kit.calibration, other))
     same["run"]["scheduler"] = None  # the same fingerprint, run here
     assert run_slides(good, qc_kit.scorer, qc_kit.calibration, same, out, report_dir)[0]["status"] == "skipped"
+    assert "threshold section is not used by a run" in caplog.text
     # settings that change what is stored redo the slide: features saved, overlays written
     features = load_config(qc_kit.config, overrides={"tiles": {"min_tissue": 0.9}, "run": {"save_features": True}})
     assert run_slides(good, qc_kit.scorer, qc_kit.calibration, features, out, report_dir)[0]["status"] == "done"

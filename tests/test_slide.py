@@ -267,6 +267,17 @@ def test_header_claiming_more_pixels_than_the_file_can_hold_is_refused(tmp_path)
         Slide(path)
 
 
+def test_one_huge_compressed_strip_is_refused_before_it_is_decoded(tmp_path):
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), compression="zlib", rowsperstrip=64,
+                     resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(40_000)  # 4.8 GB if decoded
+        tif.pages[0].tags["ImageLength"].overwrite(40_000)
+    with pytest.raises(SlideError, match=r"strip.tif (holds .* in one compressed chunk|claims 40000 x 40000)"):
+        Slide(path)
+
+
 def test_reads_larger_than_the_bound_are_refused(example, monkeypatch):
     monkeypatch.setattr(slide_mod, "MAX_OUTPUT_PIXELS", 100 * 100)
     with Slide(example) as s:

@@ -156,6 +156,10 @@ class _TiffReader:
                 self._stores.append(store)
                 arr = zarr.open_array(store, mode="r")
                 if all(c >= s for c, s in zip(arr.chunks, arr.shape, strict=True)):
+                    if arr.size > 3 * MAX_OUTPUT_PIXELS:
+                        raise SlideError(f"{path.name} holds {arr.shape} pixels in one compressed chunk, more than "
+                                         f"can be decoded in bounded memory (or a corrupt header); convert it to a "
+                                         f"tiled pyramidal TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid`)")
                     arr = arr[...]  # one chunk (a single strip or tile): decode it once
                 self._arrays.append(arr)
             self.level_dimensions = [(lvl.shape[lvl.axes.index("X")], lvl.shape[lvl.axes.index("Y")])
