@@ -261,6 +261,10 @@ def test_store_creation_cannot_be_left_half_done(tmp_path):
     (path / "zarr.abc123.partial").write_bytes(b"{")
     tidy(path)
     assert _plain_groups(path) == ["s1"]
+    home = tmp_path / "home"  # a folder that is not a store keeps its hidden files
+    (home / ".config.tmp-1").mkdir(parents=True)
+    (home / "notes.partial").write_text("mine")
+    assert tidy(home) == [] and len(list(home.iterdir())) == 2
 
 
 def test_done_needs_every_array_with_one_row_per_tile(tmp_path):

@@ -318,9 +318,9 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
                     "threshold (%.6g); recalibrate with wsi-qc calibrate to change it", calibration_path,
                     threshold.threshold_)
     with locked(out, wait=float(run["lock_wait"])):
-        tidy(out)
         open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
                                "threshold": threshold.to_dict(), "auc": threshold.auc_})
+        tidy(out)
         rows = _run_all(paths, (str(scorer_path), str(calibration_path)), config, out, report_dir, force)
         tidy(out)
         consolidate(out)

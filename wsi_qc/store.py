@@ -160,6 +160,9 @@ def open_store(path: str | Path, create: bool = True, attrs: dict | None = None)
     return root
 
 
+_LEFTOVER = re.compile(r"^\..+\.(tmp|trash)-\d+$")  # names of temporary and deleted groups and stores
+
+
 def _is_partial(p: Path) -> bool:
     """A file zarr was writing when its process died (zarr.json is written as zarr.<hex>.partial, then renamed)."""
     return p.is_file() and p.name.endswith(".partial")
@@ -186,9 +189,9 @@ def tidy(path: str | Path) -> list[Path]:
     Only safe while no other process writes the store: call it under `locked`. Returns what was removed.
     """
     path = Path(path)
-    found = list(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
-    if path.is_dir():
-        found += [p for p in path.iterdir() if p.name.startswith(".") or _is_partial(p)]
+    found = [p for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if _LEFTOVER.match(p.name)]
+    if (path / "zarr.json").is_file():  # inside a store only, never in a folder that is not one
+        found += [p for p in path.iterdir() if _LEFTOVER.match(p.name) or _is_partial(p)]
     for p in found:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
