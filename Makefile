@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP)  # what .ci/run runs: the fast and the slow tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -193,7 +193,7 @@ def monotonicity(features_a: np.ndarray, latent_a: np.ndarray, scorer: Scorer, s
     """RL2(A, degraded B) and (with_fd) FD(A, degraded B) at every level of every kind, with Spearman's rho."""
     rows = {}
     for kind, values in levels.items():
-        rl2 = [set_rl2(latent_a, scorer.latent(f)) for f in sets[kind]]
+        rl2 = [set_rl2(latent_a, scorer.tile_latent(f)) for f in sets[kind]]
         rows[kind] = {"levels": values, "rl2": rl2, "rl2_spearman": spearman(values, rl2)}
         if with_fd:
             fd = [frechet_distance(features_a, f) for f in sets[kind]]
@@ -262,11 +262,11 @@ def run_study(config: dict, study: dict, out: Path, encoder: Encoder | None = No
     sizes, draws, replace = study["stability_sizes"], int(study["stability_draws"]), bool(study["stability_replace"])
 
     scorer = Scorer.fit(features_a, encoder, config)
-    latent_a = scorer.latent(features_a)
+    latent_a = scorer.tile_latent(features_a)
     mono = monotonicity(features_a, latent_a, scorer, sets, levels)
     stab = []
     for i, (kind, level, feats_b) in enumerate(cases):
-        latent_b = scorer.latent(feats_b)
+        latent_b = scorer.tile_latent(feats_b)
         stab.append({"kind": kind, "level": level, "rl2_full": set_rl2(latent_a, latent_b),
                      "fd_full": frechet_distance(features_a, feats_b),
                      "sizes": stability(features_a, latent_a, feats_b, latent_b, sizes, draws, replace,
@@ -274,11 +274,11 @@ def run_study(config: dict, study: dict, out: Path, encoder: Encoder | None = No
     variants = []
     for overrides in study["flow_variants"] or []:
         other = Scorer.fit(features_a, encoder, {**config, "flow": {**config["flow"], **overrides}})
-        za = other.latent(features_a)
+        za = other.tile_latent(features_a)
         rows = monotonicity(features_a, za, other, sets, levels, with_fd=False)
         variants.append({"flow": overrides, **_flow_info(other.flow),
                          "rl2_spearman": {k: r["rl2_spearman"] for k, r in rows.items()},
-                         "stability": [stability(features_a, za, f, other.latent(f), sizes, draws, replace,
+                         "stability": [stability(features_a, za, f, other.tile_latent(f), sizes, draws, replace,
                                                  np.random.default_rng([seed, i]), with_fd=False)
                                        for i, (_, _, f) in enumerate(cases)]})
         log.info("flow variant %s: RL2 rho %s", overrides, variants[-1]["rl2_spearman"])

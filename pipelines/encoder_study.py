@@ -355,7 +355,7 @@ def build_encoders(spec: dict, config: dict):
         multi = encoder_config(spec["name"], levels=spec["levels"])
         last = encoder_config(spec["name"], levels="last")
     else:
-        base = {**config["encoder"], "name": spec["timm"], "weights": spec["weights"], "model_kwargs": {}}
+        base = {**config["encoder"], "grid": None, "name": spec["timm"], "weights": spec["weights"], "model_kwargs": {}}
         multi, last = {**base, "levels": spec["levels"]}, {**base, "levels": None}
     # image statistics are a block of their own here (computed once for all encoders)
     return (encoder_from_config({"encoder": {**multi, "image_stats": False}}),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +17,7 @@ import pandas as pd
 import pytest
 
 from wsi_qc import cli
-from wsi_qc.store import list_slides, open_store, read_slide
+from wsi_qc.store import list_slides, locked, open_store, read_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +138,78 @@ def test_run_killed_with_sigkill_then_rerun_equals_uninterrupted(qc_kit, referen
         assert np.array_equal(a["keep"], b["keep"]) and np.array_equal(a["tissue"], b["tissue"])
 
 
+def _same_store(got: Path, ref: Path, exact: bool = False) -> None:
+    a_root, b_root = open_store(got, create=False), open_store(ref, create=False)
+    assert list_slides(a_root) == list_slides(b_root)
+    for sid in list_slides(b_root):
+        a, b = read_slide(a_root, sid), read_slide(b_root, sid)
+        for name in ("coords", "grid", "keep", "tissue"):
+            assert np.array_equal(a[name], b[name]), (sid, name)
+        if exact:
+            assert np.array_equal(a["rl2"], b["rl2"]), sid
+        else:
+            assert np.allclose(a["rl2"], b["rl2"], rtol=1e-5, atol=1e-6), sid
+
+
+def _cli(kit, inputs, out, *extra, env=None) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "wsi_qc.cli", *_run_args(kit, inputs, out, *extra)]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def _lock_wait_config(kit, seconds: float) -> Path:
+    path = kit.root / f"lock-wait-{seconds:g}.yaml"
+    path.write_text(f"base: {kit.config.name}\nrun: {{overlays: false, lock_wait: {seconds}}}\n")
+    return path
+
+
+def test_a_second_run_on_a_locked_store_exits_2_naming_the_holder_then_waits(qc_kit, reference_run, tmp_path):
+    out = tmp_path / "qc.zarr"
+    with locked(out):  # this process holds the store, as a running `wsi-qc run` would
+        refused = _cli(qc_kit, [reference_run["folder"]], out, "--config", str(_lock_wait_config(qc_kit, 0)))
+        _, err = refused.communicate(timeout=180)
+        waiting = _cli(qc_kit, [reference_run["folder"]], out, "--config", str(_lock_wait_config(qc_kit, 300)),
+                       "--tile-mpp", "0.5", "--size", "64")  # the README's tile options, as for `tiles`
+        time.sleep(3)
+        assert waiting.poll() is None and not out.exists()  # it waits for the lock, writing nothing
+    assert refused.returncode == 2 and "Traceback" not in err, err
+    assert f"in use by another wsi-qc run (pid {os.getpid()} on host {socket.gethostname()}" in err
+    assert not out.exists()  # refused before touching the store
+    _, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err
+    _same_store(out, reference_run["out"])
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_store_one_waits_and_the_store_equals_an_uninterrupted_run(qc_kit, reference_run,
+                                                                                     tmp_path):
+    out = tmp_path / "qc.zarr"
+    wait = str(_lock_wait_config(qc_kit, 600))
+    runs = [_cli(qc_kit, [reference_run["folder"]], out, "--config", wait, "--report", str(tmp_path / f"r{i}"))
+            for i in range(2)]
+    for proc in runs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    statuses = sorted(tuple(pd.read_csv(tmp_path / f"r{i}" / "report.csv").status.unique()) for i in range(2))
+    assert statuses == [("done",), ("skipped",)]  # the second run waited for the first, then found all done
+    _same_store(out, reference_run["out"])
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.name.endswith(".partial")]
+
+
+@pytest.mark.slow
+def test_masks_are_identical_for_any_worker_or_thread_count(qc_kit, reference_run, tmp_path):
+    """--workers 2 (one thread per core before), OMP_NUM_THREADS=1 and the in-process run give the same bits."""
+    procs = {"workers2": _cli(qc_kit, [reference_run["folder"]], tmp_path / "w2.zarr", "--workers", "2")}
+    _, err = procs["workers2"].communicate(timeout=600)
+    assert procs["workers2"].returncode == 0, err
+    procs["omp1"] = _cli(qc_kit, [reference_run["folder"]], tmp_path / "omp1.zarr",
+                         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    _, err = procs["omp1"].communicate(timeout=600)
+    assert procs["omp1"].returncode == 0, err
+    for name in ("w2", "omp1"):
+        _same_store(tmp_path / f"{name}.zarr", reference_run["out"], exact=True)
+
+
 @pytest.mark.slow
 def test_run_against_a_dask_scheduler_address(qc_kit, reference_run, tmp_path):
     distributed = pytest.importorskip("distributed")
@@ -144,8 +218,10 @@ def test_run_against_a_dask_scheduler_address(qc_kit, reference_run, tmp_path):
         address = cluster.scheduler_address
         assert address.startswith("tcp://127.0.0.1:")
         code = cli.main(_run_args(qc_kit, [reference_run["folder"]], tmp_path / "dask.zarr", "--scheduler", address))
-    assert code == 0
-    got, ref = open_store(tmp_path / "dask.zarr", create=False), open_store(reference_run["out"], create=False)
-    assert list_slides(got) == list_slides(ref)
-    for sid in list_slides(ref):
-        assert np.allclose(read_slide(got, sid)["rl2"], read_slide(ref, sid)["rl2"], rtol=1e-5, atol=1e-6)
+        assert code == 0
+        # the scheduler is not in the fingerprint: resuming the reference store under it redoes nothing
+        shutil.copytree(reference_run["out"], tmp_path / "resumed.zarr")
+        resumed = _run_args(qc_kit, [reference_run["folder"]], tmp_path / "resumed.zarr", "--scheduler", address)
+        assert cli.main([*resumed, "--report", str(tmp_path / "resumed")]) == 0
+    assert set(pd.read_csv(tmp_path / "resumed" / "report.csv").status) == {"skipped"}
+    _same_store(tmp_path / "dask.zarr", reference_run["out"], exact=True)  # the same bits as a local run

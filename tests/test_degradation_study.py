@@ -21,7 +21,7 @@ STUDY = {"min_tiles": 0, "max_tiles": 160, "example_slides": {"max": 0, "size": 
          "stability_sizes": [10, 40, 100], "stability_draws": 4, "stability_cases": [["noise", 30], ["clean", 0]],
          "flow_variants": [{"pca_dim": 8}], "seed": 1}
 CONFIG = {"tiles": {"mpp": 1.0, "size": 64, "overlap": 32, "batch_size": 64, "workers": 0},
-          "encoder": {"name": "test_efficientnet", "weights": "random", "device": "cpu"},
+          "encoder": {"name": "test_efficientnet", "weights": "random", "device": "cpu", "grid": None},
           "flow": {"n_blocks": 2, "hidden": 32, "epochs": 4, "patience": 2, "min_reference": 20, "device": "cpu"}}
 
 

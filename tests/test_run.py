@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,10 @@ from PIL import Image
 
 from wsi_qc.config import load_config
 from wsi_qc.errors import ConfigError
-from wsi_qc.run import collect_slides, export_tiles, run_slides, write_run_report
+from wsi_qc.run import (check_inputs, collect_slides, export_tiles, result_config, run_fingerprint, run_slides,
+                        write_run_report)
+from wsi_qc.store import list_slides, open_store, read_slide, slide_key, write_slide
 from wsi_qc.tiles import prefetch
-from wsi_qc.store import list_slides, open_store, read_slide, write_slide
 
 PATTERN = "*.svs,*.tif,*.tiff"
 
@@ -181,7 +183,7 @@ def test_manifest_lists_kept_tiles_in_csv_and_parquet(faulty_run):
     assert not set(table.slide) & {"broken", "empty", "nompp"}
 
 
-def test_rerun_skips_done_slides_and_redoes_the_rest(faulty_run, qc_kit):
+def test_rerun_skips_done_slides_and_redoes_the_rest(faulty_run, qc_kit, caplog):
     out, report_dir, config = faulty_run["out"], faulty_run["report_dir"], faulty_run["config"]
     root = open_store(out, create=False)
     before = {sid: read_slide(root, sid) for sid in ("good-1", "good-2")}
@@ -206,11 +208,22 @@ def test_rerun_skips_done_slides_and_redoes_the_rest(faulty_run, qc_kit):
     other = load_config(qc_kit.config, overrides={"tiles": {"min_tissue": 0.9}})
     changed = run_slides(good, qc_kit.scorer, qc_kit.calibration, other, out, report_dir)
     assert changed[0]["status"] == "done" and changed[0]["n_tiles"] < forced[0]["n_tiles"]
-    # a setting that does not change results (the number of workers) does not redo anything
-    same = run_slides(good, qc_kit.scorer, qc_kit.calibration, {**other, "run": {**other["run"], "workers": 1,
-                                                                                       "overlays": False}},
-                      out, report_dir)
-    assert same[0]["status"] == "skipped"
+    # settings that do not change results (workers, batch size, scheduler, threshold section) redo nothing
+    same = load_config(qc_kit.config, overrides={"tiles": {"min_tissue": 0.9, "batch_size": 7, "workers": 1},
+                                                 "run": {"scheduler": "tcp://127.0.0.1:1", "workers": 3},
+                                                 "threshold": {"rule": "fpr", "value": 0.1}})
+    assert run_fingerprint(same, *check_inputs(qc_kit.scorer, qc_kit.calibration, same)) == \
+        run_fingerprint(other, *check_inputs(qc_kit.scorer, qc_kit.calibration, other))
+    same["run"]["scheduler"] = None  # the same fingerprint, run here
+    assert run_slides(good, qc_kit.scorer, qc_kit.calibration, same, out, report_dir)[0]["status"] == "skipped"
+    assert "threshold section is not used by a run" in caplog.text
+    # settings that change what is stored redo the slide: features saved, overlays written
+    features = load_config(qc_kit.config, overrides={"tiles": {"min_tissue": 0.9}, "run": {"save_features": True}})
+    assert run_slides(good, qc_kit.scorer, qc_kit.calibration, features, out, report_dir)[0]["status"] == "done"
+    assert read_slide(open_store(out, create=False), "good-1")["features"].shape[0] == changed[0]["n_tiles"]
+    assert run_slides(good, qc_kit.scorer, qc_kit.calibration, features, out, report_dir)[0]["status"] == "skipped"
+    no_overlays = load_config(qc_kit.config, overrides={"tiles": {"min_tissue": 0.9}, "run": {"overlays": False}})
+    assert run_slides(good, qc_kit.scorer, qc_kit.calibration, no_overlays, out, report_dir)[0]["status"] == "done"
 
 
 def test_bad_scorer_or_calibration_is_refused_before_any_slide(qc_kit, tmp_path):
@@ -247,6 +260,83 @@ def test_export_tiles_writes_kept_tiles_at_tile_mpp(faulty_run, tmp_path):
     with Slide(faulty_run["folder"] / "good-1.tif") as slide:
         assert np.array_equal(image, slide.read_region((int(x), int(y)), (64, 64), 0.5))
     assert image.std() > 5  # tissue, not background
+
+
+# ---------------------------------------------------------------- odd files: names, links, permissions, no tissue
+
+LONG = "L" * 250  # "<LONG>.tif" is a legal 254-byte file name
+
+
+@pytest.fixture(scope="module")
+def odd_run(qc_kit, tmp_path_factory):
+    """A run over files that once aborted the batch or failed without a row, with one good slide among them."""
+    from wsi_qc import slide as slide_mod
+
+    tmp = tmp_path_factory.mktemp("odd")
+    folder = tmp / "slides"
+    folder.mkdir()
+    for name in ("..tif", "zarr.json.tif", f"{LONG}.tif", "denied.tif"):
+        os.symlink(qc_kit.slides[1], folder / name)
+    os.symlink(folder / "gone.tif", folder / "dangling.tif")
+    os.symlink(folder / "loop.tif", folder / "loop.tif")
+    tifffile.imwrite(folder / "blank.tif", np.full((1024, 1024, 3), 245, np.uint8), tile=(256, 256),
+                     resolution=(40000, 40000), resolutionunit="CENTIMETER")  # 0.25 mpp, no tissue
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if Path(path).name == "denied.tif":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    out, report_dir = tmp / "qc.zarr", tmp / "report"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(slide_mod, "open", fake_open, raising=False)
+        paths = collect_slides([folder], PATTERN)
+        rows = run_slides(paths, qc_kit.scorer, qc_kit.calibration, _config(qc_kit), out, report_dir)
+    write_run_report(rows, out, report_dir)
+    return {"rows": {Path(r["path"]).name: r for r in rows}, "out": out, "report_dir": report_dir}
+
+
+def test_unnamable_files_and_broken_links_fail_alone_naming_the_path(odd_run):
+    rows = odd_run["rows"]
+    assert set(rows) == {"..tif", "zarr.json.tif", f"{LONG}.tif", "denied.tif", "dangling.tif", "loop.tif",
+                         "blank.tif"}
+    for name in ("..tif", "zarr.json.tif"):
+        assert rows[name]["status"] == "failed" and name in rows[name]["error"] and "rename the file" in \
+            rows[name]["error"]
+    assert rows["dangling.tif"]["status"] == "failed" and "which is missing" in rows["dangling.tif"]["error"]
+    assert rows["loop.tif"]["status"] == "failed" and "loop of symbolic links" in rows["loop.tif"]["error"]
+    assert rows["denied.tif"]["status"] == "failed" and "permission denied" in rows["denied.tif"]["error"]
+    assert "damaged" not in rows["denied.tif"]["error"]
+    report = pd.read_csv(odd_run["report_dir"] / "report.csv")
+    assert len(report) == 7 and (report.status == "failed").sum() == 5
+
+
+def test_a_long_file_name_gives_one_short_id_for_every_output(odd_run):
+    row = odd_run["rows"][f"{LONG}.tif"]
+    key = slide_key(LONG)
+    assert row["status"] == "done" and row["slide"] == key and len(key) <= 200
+    for part in (f"overlays/{key}.png", f"thumbnails/{key}.png", f"geojson/{key}.geojson"):
+        assert (odd_run["report_dir"] / part).is_file(), part
+    assert read_slide(open_store(odd_run["out"], create=False), key)["attrs"]["n_tiles"] == row["n_tiles"] > 0
+
+
+def test_a_slide_without_tissue_is_done_with_0_tiles(odd_run):
+    row = odd_run["rows"]["blank.tif"]
+    assert row["status"] == "done" and row["n_tiles"] == 0, row["error"]
+    found = read_slide(open_store(odd_run["out"], create=False), "blank")
+    assert found["attrs"]["n_tiles"] == 0 and found["rl2"].shape == (0,) and found["coords"].shape == (0, 2)
+    assert not found["tissue"].any() and not found["grid"].any()
+    report = pd.read_csv(odd_run["report_dir"] / "report.csv").set_index("slide")
+    assert report.loc["blank", "status"] == "done" and report.loc["blank", "n_tiles"] == 0
+
+
+def test_result_config_leaves_out_only_what_does_not_change_results():
+    config = load_config()
+    part = result_config({**config, "scorer": {"head": "flow"}})  # a section added later is in by default
+    assert "threshold" not in part and part["scorer"] == {"head": "flow"}
+    assert set(part["run"]) == {"save_features", "overlays", "threads"}
+    assert set(config["tiles"]) - set(part["tiles"]) == {"workers", "batch_size"}
 
 
 # ---------------------------------------------------------------- the HTML report in a browser

@@ -60,7 +60,7 @@ def test_fit_reference_writes_a_scorer_with_meta(setup):
     meta = json.loads((root / "scorer" / "meta.json").read_text())
     assert (root / "scorer" / "flow.safetensors").is_file()
     assert meta["encoder"]["name"] == "resnet18" and meta["scorer"]["config"]["tiles"]["size"] == 64
-    assert meta["scorer"]["kind"] == "pooled" and meta["scorer"]["format"] == 2
+    assert meta["scorer"]["kind"] == "local" and meta["scorer"]["format"] == 2  # the default: local
     assert re.fullmatch(r"[0-9a-f]{64}", meta["fingerprint"])
 
 

@@ -250,6 +250,60 @@ def test_unsupported_format(tmp_path):
         Slide(path)
 
 
+def huge_header_tiff(path):
+    """A ~500-byte tiled TIFF whose tags claim 1,000,000 x 1,000,000 px (a corrupt header)."""
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), tile=(256, 256), compression="zlib",
+                     resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(1_000_000)
+        tif.pages[0].tags["ImageLength"].overwrite(1_000_000)
+    return path
+
+
+def test_header_claiming_more_pixels_than_the_file_can_hold_is_refused(tmp_path):
+    path = huge_header_tiff(tmp_path / "huge.tif")
+    assert path.stat().st_size < 2000
+    with pytest.raises(SlideError, match=r"huge.tif claims 1000000 x 1000000 pixels in \d+ bytes.*header is corrupt"):
+        Slide(path)
+
+
+def test_one_huge_compressed_strip_is_refused_before_it_is_decoded(tmp_path):
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, np.full((64, 64, 3), 200, np.uint8), compression="zlib", rowsperstrip=64,
+                     resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(40_000)  # 4.8 GB if decoded
+        tif.pages[0].tags["ImageLength"].overwrite(40_000)
+    with pytest.raises(SlideError, match=r"strip.tif (holds .* in one compressed chunk|claims 40000 x 40000)"):
+        Slide(path)
+
+
+def test_reads_larger_than_the_bound_are_refused(example, monkeypatch):
+    monkeypatch.setattr(slide_mod, "MAX_OUTPUT_PIXELS", 100 * 100)
+    with Slide(example) as s:
+        assert s.thumbnail(8.0).shape == (64, 64, 3)
+        with pytest.raises(SlideError, match=r"a read of 128 x 128 px at 4 mpp would take .* GiB"):
+            s.thumbnail(4.0)
+
+
+def test_links_that_lead_nowhere_say_so(tmp_path):
+    (tmp_path / "dangling.svs").symlink_to(tmp_path / "gone.svs")
+    (tmp_path / "loop.svs").symlink_to(tmp_path / "loop.svs")
+    with pytest.raises(SlideError, match="dangling.svs is a link to .*gone.svs, which is missing"):
+        Slide(tmp_path / "dangling.svs")
+    with pytest.raises(SlideError, match="loop.svs is a loop of symbolic links"):
+        Slide(tmp_path / "loop.svs")
+
+
+def test_unreadable_file_says_permission_denied(example, monkeypatch):
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(slide_mod, "open", denied, raising=False)  # root reads any file: fake the refusal
+    with pytest.raises(SlideError, match="example.tif: permission denied"):
+        Slide(example)
+
+
 def test_no_mpp_is_refused_unless_given(tmp_path, pixels):
     path = tmp_path / "nompp.tif"
     tifffile.imwrite(path, pixels, photometric="rgb")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
+import socket
+import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -14,8 +18,8 @@ import zarr
 
 from wsi_qc import __version__
 from wsi_qc.errors import ConfigError
-from wsi_qc.store import (consolidate, list_slides, open_store, read_slide, remove_slide, slide_done, slide_key,
-                          write_slide)
+from wsi_qc.store import (StoreLocked, consolidate, list_slides, locked, open_store, read_slide, remove_slide,
+                          slide_done, slide_key, tidy, write_slide)
 
 
 def slide_arrays(n: int = 37, seed: int = 0, d: int | None = None) -> dict:
@@ -197,23 +201,149 @@ def _slow_writer(path: str) -> None:
     write_slide(open_store(path), "big", **slide_arrays(n=60_000, d=256), attrs=attrs_for())
 
 
-def test_killed_writer_leaves_no_done_group(tmp_path):
+def test_killed_writer_leaves_no_visible_group(tmp_path):
     path = tmp_path / "qc.zarr"
     open_store(path)
     proc = multiprocessing.get_context("spawn").Process(target=_slow_writer, args=(str(path),))
     proc.start()
-    meta = path / "big" / "zarr.json"
     deadline = time.monotonic() + 60
-    while not meta.exists() and proc.is_alive() and time.monotonic() < deadline:
+    while not list(path.glob(".big.tmp-*/rl2/zarr.json")) and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.001)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-way through the array writes
     proc.join(10)
-    assert meta.exists(), "the writer never created its group"
+    assert list(path.glob(".big.tmp-*")), "the writer never created its temporary group"
     root = open_store(path, create=False)
-    assert list_slides(root) == {"big": "writing"}
-    assert not slide_done(root, "big", "fp1")
-    write_slide(root, "big", **slide_arrays(), attrs=attrs_for())  # a rerun replaces it
+    assert list_slides(root) == {} and not slide_done(root, "big", "fp1")
+    assert [p.name for p in tidy(path)] == [f".big.tmp-{proc.pid}"]
+    write_slide(root, "big", **slide_arrays(), attrs=attrs_for())  # a rerun writes it
     assert slide_done(root, "big", "fp1") and read_slide(root, "big")["rl2"].shape == (37,)
+
+
+def _plain_groups(path) -> list[str]:
+    """Group names as plain zarr lists them, failing on any zarr warning (stray files in the hierarchy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return sorted(zarr.open_group(path, mode="r", use_consolidated=False).group_keys())
+
+
+def test_rerun_after_a_kill_while_an_old_group_was_deleted(tmp_path):
+    path = tmp_path / "qc.zarr"
+    root = open_store(path)
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for())
+    (path / "s1" / "zarr.json").unlink()  # what zarr's `del root[key]` leaves when killed after this file
+    write_slide(root, "s1", **slide_arrays(seed=3), attrs=attrs_for("fp2"))
+    assert slide_done(root, "s1", "fp2")
+    np.testing.assert_array_equal(read_slide(root, "s1")["rl2"], slide_arrays(seed=3)["rl2"])
+    # killed while a replaced group's folder was being removed: the trash is hidden and tidied away
+    (path / ".s1.trash-999" / "rl2").mkdir(parents=True)
+    assert list_slides(root) == {"s1": "done"}
+    tidy(path)
+    assert _plain_groups(path) == ["s1"]
+    remove_slide(root, "s1")
+    assert not any(path.iterdir()) or [p.name for p in path.iterdir()] == ["zarr.json"]
+
+
+def test_store_creation_cannot_be_left_half_done(tmp_path):
+    path = tmp_path / "qc.zarr"
+    path.mkdir()
+    (path / "zarr.1f2e3d.partial").write_bytes(b'{"zarr_fo')  # a first creation killed mid-write
+    root = open_store(path, attrs={"auc": 0.5})
+    assert root.attrs["wsi_qc"]["auc"] == 0.5 and sorted(p.name for p in path.iterdir()) == ["zarr.json"]
+    # a creation killed before its rename leaves only a hidden folder beside the store
+    other = tmp_path / "other.zarr"
+    zarr.open_group(tmp_path / ".other.zarr.tmp-999", mode="w")
+    (tmp_path / ".other.zarr.tmp-999" / "zarr.json").write_text("{")
+    assert not other.exists()
+    open_store(other)
+    assert [p.name for p in tidy(other)] == [".other.zarr.tmp-999"]
+    # a root attrs update killed mid-write leaves zarr.<hex>.partial: tidy removes it, zarr stays quiet
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for())
+    (path / "zarr.abc123.partial").write_bytes(b"{")
+    tidy(path)
+    assert _plain_groups(path) == ["s1"]
+    home = tmp_path / "home"  # a folder that is not a store keeps its hidden files
+    (home / ".config.tmp-1").mkdir(parents=True)
+    (home / "notes.partial").write_text("mine")
+    assert tidy(home) == [] and len(list(home.iterdir())) == 2
+
+
+def test_done_needs_every_array_with_one_row_per_tile(tmp_path):
+    path = tmp_path / "qc.zarr"
+    root = open_store(path)
+    write_slide(root, "s1", **slide_arrays(d=4), attrs=attrs_for())
+    assert slide_done(root, "s1", "fp1") and slide_done(root, "s1", "fp1", arrays=("features",))
+    write_slide(root, "s2", **slide_arrays(), attrs=attrs_for())
+    assert not slide_done(root, "s2", "fp1", arrays=("features",))  # asked for, not there
+    shutil.rmtree(path / "s1" / "keep")
+    assert not slide_done(root, "s1", "fp1")
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for())
+    zarr.open_group(path / "s1", mode="r+").create_array("rl2", data=np.ones(5, np.float32), overwrite=True)
+    assert not slide_done(root, "s1", "fp1")  # rl2 no longer has n_tiles rows
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for(n=36))
+    assert not slide_done(root, "s1", "fp1")  # the attrs disagree with the arrays
+
+
+def test_rl2_map_is_stored_with_its_dimension_names(tmp_path):
+    root = open_store(tmp_path / "qc.zarr")
+    a = slide_arrays(n=5)
+    rl2_map = np.random.default_rng(0).random((5, 3, 4)).astype(np.float32)
+    write_slide(root, "s1", **a, attrs=attrs_for(n=5), rl2_map=rl2_map)
+    write_slide(root, "old", **a, attrs=attrs_for(n=5))
+    plain = zarr.open_group(tmp_path / "qc.zarr", mode="r")["s1"]["rl2_map"]
+    assert plain.metadata.dimension_names == ("tile", "y", "x") and plain.dtype == np.float32
+    np.testing.assert_array_equal(read_slide(root, "s1")["rl2_map"], rl2_map)
+    assert "rl2_map" not in read_slide(root, "old") and slide_done(root, "old", "fp1")
+    with pytest.raises(ConfigError, match="rl2_map has 4 rows"):
+        write_slide(root, "s1", **a, attrs=attrs_for(n=5), rl2_map=rl2_map[:4])
+
+
+def test_long_ids_are_cut_and_hashed_the_same_everywhere():
+    long_a, long_b = "a" * 250 + "x", "a" * 250 + "y"
+    key = slide_key(long_a)
+    assert len(key) <= 200 and key == slide_key(long_a) and key != slide_key(long_b)
+    assert len(f".{key}.tmp-4194304".encode()) < 255 and len(f"{key}.geojson".encode()) < 255
+    assert slide_key(".hidden") == "_hidden"  # "." names the store's temporary folders
+
+
+def _hold_lock(path: str, ready) -> None:
+    with locked(path):
+        ready.set()
+        time.sleep(60)
+
+
+def test_lock_refuses_a_second_writer_naming_the_holder_and_dies_with_it(tmp_path):
+    path = tmp_path / "qc.zarr"
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_hold_lock, args=(str(path), ready))
+    proc.start()
+    try:
+        assert ready.wait(60)
+        t0 = time.monotonic()
+        with pytest.raises(StoreLocked, match=rf"pid {proc.pid} on host {socket.gethostname()}.*run.lock_wait"):
+            with locked(path, wait=0.5):
+                pass
+        assert 0.4 < time.monotonic() - t0 < 5  # waited, but a bounded time
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the kernel releases a dead holder's lock
+        proc.join(10)
+    with locked(path, wait=5) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with locked(path):  # the holding thread may take it again
+            pass
+        errors = []
+
+        def other_thread():
+            try:
+                with locked(path):
+                    pass
+            except StoreLocked as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert len(errors) == 1  # another thread is another writer
 
 
 def test_consolidate_and_reopen(tmp_path):

@@ -238,3 +238,45 @@ def test_label_free_threshold_round_trip_and_score_binding(tmp_path):
     assert "nll" in str(err.value)
     with pytest.raises(ConfigError, match="false_discard"):
         Threshold("youden").fit_label_free(np.ones(10))
+
+
+@pytest.fixture()
+def calibration(data, tmp_path):
+    scores, labels = data
+    path = Threshold(n_bootstrap=10).fit(scores, labels).save(tmp_path / "calibration.json", "fp-abc")
+    return path, json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("threshold", "NaN", "threshold=nan .* is not finite"),
+    ("threshold", "Infinity", "threshold=inf .* is not finite"),
+    ("threshold", "-1e9", r"threshold=-1000000000.0 .* far outside the scores it was calibrated on"),
+    ("threshold", "1e9", "far outside the scores"),
+    ("threshold", '"0.5"', "threshold='0.5' .* is a str, not a number"),
+    ("n_bootstrap", '"many"', "n_bootstrap='many' .* is a str, not an integer"),
+    ("rule", '"bogus"', "rule='bogus' in calibration file .* one of youden"),
+    ("auc", "1.5", "auc=1.5 .* out of range"),
+    ("seed", "true", "seed=True .* not an integer"),
+])
+def test_hand_edited_calibration_is_refused_naming_file_key_value_fix(calibration, key, value, match):
+    path, d = calibration
+    text = json.dumps({**d, key: "@@"}).replace('"@@"', value)  # NaN / Infinity as Python's json writes them
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as err:
+        Threshold.load(path, "fp-abc")
+    assert str(path) in str(err.value) and "wsi-qc calibrate" in str(err.value)
+
+
+def test_calibration_threshold_near_its_scores_is_accepted(calibration):
+    path, d = calibration
+    finite = [v for v in d["roc"]["thresholds"] if v is not None]
+    span = max(finite) - min(finite)
+    for value in (min(finite) - 5 * span, max(finite) + 5 * span):  # a fixed cut may sit outside the scores
+        path.write_text(json.dumps({**d, "threshold": value}))
+        assert Threshold.load(path, "fp-abc").threshold_ == value
+    path.write_text(json.dumps({**d, "roc": {**d["roc"], "tpr": "x"}}))
+    with pytest.raises(ConfigError, match="roc.tpr .* must be a list of numbers"):
+        Threshold.load(path, "fp-abc")
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="holds a list, not a calibration"):
+        Threshold.load(path, "fp-abc")

@@ -198,7 +198,7 @@ def encoder_config(name: str, levels: list[int] | str | None = None, **overrides
     if unknown:
         allowed = ", ".join(k for k in section if k not in ("name", "levels"))
         raise ConfigError(f"encoder_config got unknown override(s) {', '.join(unknown)}; allowed: {allowed}")
-    config = dict(section)
+    config = {**section, "grid": None}  # the catalogue describes pooled (multi-level) embeddings per tile
     config.update(overrides)
     weights = str(config["weights"]) if "weights" in overrides else entry["weights"]
     if weights_kind(weights) == "path":

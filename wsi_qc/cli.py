@@ -32,7 +32,7 @@ def _config(args) -> dict:
             overrides.setdefault(section, {})[key] = value
     if getattr(args, "save_features", False):
         overrides.setdefault("run", {})["save_features"] = True
-    return load_config(args.config, overrides=overrides)
+    return load_config(args.config, overrides=overrides, overrides_source="the command-line options")
 
 
 def cmd_tiles(args) -> int:
@@ -124,6 +124,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_run(args) -> int:
     from wsi_qc.run import collect_slides, export_tiles, run_slides, write_run_report
+    from wsi_qc.store import locked
 
     config = _config(args)
     out = Path(args.out)
@@ -132,11 +133,12 @@ def cmd_run(args) -> int:
     if not paths:
         raise WSIQCError(f"no slides found in {', '.join(args.inputs)} (pattern {config['run']['pattern']}); "
                          f"pass slide files, a folder or a CSV manifest")
-    rows = run_slides(paths, args.scorer, args.calibration, config, out, report_dir, force=args.force)
-    write_run_report(rows, out, report_dir)
-    if args.export_tiles:
-        counts = export_tiles(out, args.export_tiles, [r["slide"] for r in rows if r["status"] != "failed"])
-        print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
+    with locked(out, wait=config["run"]["lock_wait"]):  # one run per store, its report and export included
+        rows = run_slides(paths, args.scorer, args.calibration, config, out, report_dir, force=args.force)
+        write_run_report(rows, out, report_dir)
+        if args.export_tiles:
+            counts = export_tiles(out, args.export_tiles, [r["slide"] for r in rows if r["status"] != "failed"])
+            print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
     failed = [r for r in rows if r["status"] == "failed"]
     for r in rows:
         print(f"{r['status']:>8}  {r['slide']}: {r['n_tiles']} tiles, kept {r['kept_pct']} %"
@@ -164,10 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mpp", type=float, help="level-0 mpp of the slides, overriding their metadata")
         return p
 
-    p = common(sub.add_parser("tiles", help="tile one slide: print the count, draw the grid on its thumbnail"))
+    def tile_options(p):
+        p.add_argument("--tile-mpp", type=float, help="target mpp of the tiles (default tiles.mpp)")
+        p.add_argument("--size", type=int, help="tile side in px at the target mpp (default tiles.size)")
+        return p
+
+    p = tile_options(common(sub.add_parser("tiles", help="tile one slide: print the count, draw the grid on its "
+                                                         "thumbnail")))
     p.add_argument("slide")
-    p.add_argument("--tile-mpp", type=float, help="target mpp of the tiles (default tiles.mpp)")
-    p.add_argument("--size", type=int, help="tile side in px at the target mpp (default tiles.size)")
     p.add_argument("--out", help="PNG to draw the grid on (default <slide>_tiles.png)")
     p.set_defaults(func=cmd_tiles)
 
@@ -202,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roc", help="ROC plot PNG (default beside --out)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = common(sub.add_parser("run", help="QC slides into a zarr store with overlays and a report"))
+    p = tile_options(common(sub.add_parser("run", help="QC slides into a zarr store with overlays and a report")))
     p.add_argument("inputs", nargs="+", help="slide files, folders (searched recursively) or CSV manifests")
     p.add_argument("--scorer", required=True)
     p.add_argument("--calibration", required=True)

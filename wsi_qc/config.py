@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from wsi_qc import schema
 from wsi_qc.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -45,19 +46,32 @@ def _merge(base: dict, override: dict, source: str, prefix: str = "") -> dict:
     return out
 
 
-def load_config(*paths: str | Path | None, overrides: dict | None = None) -> dict[str, Any]:
-    """Defaults, then each YAML file in order (a pipeline file may name a base with `base:`), then overrides."""
-    config = _read_yaml(DEFAULT_CONFIG)
+def load_config(*paths: str | Path | None, overrides: dict | None = None,
+                overrides_source: str = "overrides") -> dict[str, Any]:
+    """Defaults, then each YAML file in order (a pipeline file may name a base with `base:`), then overrides.
+
+    Every layer is checked against the schema (wsi_qc.schema) as it is merged: an unknown key, a wrong type,
+    a value out of range or not among the choices raises ConfigError naming the key, the value and its source.
+    """
+    defaults = _read_yaml(DEFAULT_CONFIG)
+    config = defaults
+
+    def layer(data: dict, source: str) -> dict:
+        merged = _merge(config, data, source)
+        schema.check(data, defaults, source)
+        return merged
+
     for path in paths:
         if path is None:
             continue
         data = _read_yaml(Path(path))
         base = data.pop("base", None)
         if base is not None:
-            config = _merge(config, _read_yaml(Path(path).parent / base), str(base))
-        config = _merge(config, data, str(path))
+            config = layer(_read_yaml(Path(path).parent / base), str(Path(path).parent / base))
+        config = layer(data, str(path))
     if overrides:
-        config = _merge(config, overrides, "overrides")
+        config = layer(overrides, overrides_source)
+    schema.check_config(config)
     return config
 
 

@@ -21,6 +21,7 @@ import time
 import traceback
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,20 +30,27 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from wsi_qc import __version__
-from wsi_qc.config import fingerprint
-from wsi_qc.errors import ConfigError
+from wsi_qc.config import fingerprint, load_config
+from wsi_qc.errors import ConfigError, SlideError
 from wsi_qc.report import (overlay_png, thumbnail_png, write_geojson, write_manifest, write_report_csv,
                            write_report_html)
 from wsi_qc.scorer import Scorer, slide_features
 from wsi_qc.slide import Slide
-from wsi_qc.store import consolidate, open_store, read_slide, slide_done, slide_key, write_slide
+from wsi_qc.store import consolidate, locked, open_store, read_slide, slide_done, slide_key, tidy, write_slide
 from wsi_qc.threshold import Threshold
 from wsi_qc.tiles import grid_image
 
 log = logging.getLogger(__name__)
 
-# Config sections that change a slide's result; a rerun redoes slides written under other values.
-RESULT_SECTIONS = ("slide", "tissue", "tiles", "encoder", "flow", "score")
+# Config keys that do not change a slide's stored result (None: the whole section). Every other key is in the
+# run fingerprint, so a rerun redoes slides written under other values (new keys are in it by default). The
+# `threshold` section is for `wsi-qc calibrate`: a run applies the calibration file's threshold, which is in
+# the fingerprint itself.
+NOT_IN_RESULTS: dict[str, tuple[str, ...] | None] = {
+    "threshold": None,
+    "tiles": ("workers", "batch_size"),
+    "run": ("workers", "scheduler", "pattern", "lock_wait"),
+}
 
 
 def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
@@ -51,7 +59,8 @@ def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted({p for g in globs for p in item.rglob(g) if p.is_file()})
+            # links count too (a dangling link or a link loop fails per slide, with a row in the report)
+            found = sorted({p for g in globs for p in item.rglob(g) if p.is_file() or p.is_symlink()})
             if not found:
                 log.warning("%s holds no slides matching %s", item, pattern)
             out.extend(found)
@@ -67,7 +76,10 @@ def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
             out.append(item)  # missing or bad files fail per slide, with the error in the report
     seen: dict[str, Path] = {}
     for path in out:
-        key = slide_key(path.stem)
+        try:
+            key = slide_key(path.stem)
+        except ConfigError:  # fails per slide, naming the file
+            continue
         if key in seen and seen[key] != path:
             raise ConfigError(f"two slides share the id {key!r}: {seen[key]} and {path}; rename one of them")
         seen[key] = path
@@ -86,8 +98,19 @@ def check_inputs(scorer_path: str | Path, calibration_path: str | Path, config: 
     return _load(str(scorer_path), str(calibration_path), json.dumps(config, sort_keys=True))
 
 
+def result_config(config: dict) -> dict:
+    """The part of the config that changes stored results (all but NOT_IN_RESULTS)."""
+    out = {}
+    for section, values in config.items():
+        skip = NOT_IN_RESULTS.get(section, ())
+        if skip is not None:
+            out[section] = {k: v for k, v in values.items() if k not in skip} if isinstance(values, dict) else values
+    return out
+
+
 def run_fingerprint(config: dict, scorer: Scorer, threshold: Threshold) -> str:
-    return fingerprint({"config": {k: config[k] for k in RESULT_SECTIONS}, "scorer": scorer.fingerprint,
+    """Fingerprint of what a slide's stored result depends on: result config, scorer, threshold."""
+    return fingerprint({"config": result_config(config), "scorer": scorer.fingerprint,
                         "threshold": float(threshold.threshold_)})
 
 
@@ -131,19 +154,25 @@ def _peak_rss_mb() -> float:
 
 def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | Path, config: dict,
              out: str | Path, report_dir: str | Path, force: bool = False) -> dict:
-    """QC one slide into the store; returns its report row (status done / skipped / failed, never raises)."""
+    """QC one slide into the store; returns its report row (status done / skipped / failed, never raises).
+
+    Encoding and scoring run with run.threads torch and BLAS threads whatever the mode, so the scores (and
+    the masks) are the same with --workers, Dask or any OMP_NUM_THREADS.
+    """
     path, start = Path(path), time.perf_counter()
-    slide_id = slide_key(path.stem)
+    slide_id = path.stem or path.name
     try:
+        slide_id = _slide_id(path)
         scorer, threshold = check_inputs(scorer_path, calibration_path, config)
         fp = run_fingerprint(config, scorer, threshold)
         root = open_store(out)
-        if not force and slide_done(root, slide_id, fp):
+        stored = ("features",) if config["run"]["save_features"] else ()
+        if not force and slide_done(root, slide_id, fp, arrays=stored):
             found = read_slide(root, slide_id)
             return _summary(slide_id, path, found["attrs"], found["rl2"], "skipped", time.perf_counter() - start)
         _reset_peak_rss()
         config = scorer.config  # the scorer's own encoder and tiles, the run's other sections
-        with Slide.from_config(path, config) as slide:
+        with Slide.from_config(path, config) as slide, fixed_threads(config["run"]["threads"]):
             found = slide_features(slide, scorer.encoder, config)
             thumbnail, thumb_mpp, tissue, tiles, timings = (found.thumbnail, found.thumbnail_mpp, found.tissue,
                                                              found.tiles, dict(found.timings))
@@ -187,6 +216,30 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
         return row
 
 
+def _slide_id(path: Path) -> str:
+    """The slide's id in the store, or a SlideError naming the file whose name cannot give one."""
+    try:
+        return slide_key(path.stem)
+    except ConfigError as exc:
+        raise SlideError(f"{path}: the file name gives the slide id {path.stem!r}, which cannot name a slide in "
+                         f"the store; rename the file") from exc
+
+
+@contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run with n torch intra-op threads and n BLAS threads, restoring the previous counts afterwards."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        with threadpool_limits(int(n)):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _die_with_parent() -> None:
     """Linux: have the kernel kill this worker when the process that started it dies (e.g. by SIGKILL),
     so no orphan keeps writing into the store while a rerun redoes its slide."""
@@ -195,13 +248,6 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    _die_with_parent()
 
 
 def _no_reader_processes(config: dict) -> dict:
@@ -216,12 +262,25 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
     The scorer and calibration are loaded first: a bad one raises ConfigError before any slide is touched.
     """
     run = config["run"]
-    if int(run["workers"]) < 1:
-        raise ConfigError(f"run.workers must be >= 1, got {run['workers']!r}; pass --workers 1 or more")
     scorer, threshold = check_inputs(scorer_path, calibration_path, config)
-    open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
-                           "threshold": threshold.to_dict(), "auc": threshold.auc_})
-    args = (str(scorer_path), str(calibration_path))
+    if config["threshold"] != load_config()["threshold"]:
+        log.warning("the config's threshold section is not used by a run: the calibration file %s holds the "
+                    "threshold (%.6g); recalibrate with wsi-qc calibrate to change it", calibration_path,
+                    threshold.threshold_)
+    with locked(out, wait=float(run["lock_wait"])):
+        open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
+                               "threshold": threshold.to_dict(), "auc": threshold.auc_})
+        tidy(out)
+        rows = _run_all(paths, (str(scorer_path), str(calibration_path)), config, out, report_dir, force)
+        tidy(out)
+        consolidate(out)
+    order = {str(p): i for i, p in enumerate(paths)}
+    return sorted(rows, key=lambda r: order.get(r["path"], 0))
+
+
+def _run_all(paths: list[Path], args: tuple[str, str], config: dict, out, report_dir, force: bool) -> list[dict]:
+    """One report row per slide, from local processes, Dask or this process (run.workers, run.scheduler)."""
+    run = config["run"]
     rows: list[dict] = []
     bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)
     if run["scheduler"]:
@@ -245,9 +304,8 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
             if cluster is not None:
                 cluster.close()
     elif run["workers"] > 1:
-        threads = max(1, (os.cpu_count() or 1) // run["workers"])
         with ProcessPoolExecutor(run["workers"], mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
+                                 initializer=_die_with_parent) as pool:
             futures = [pool.submit(qc_slide, str(p), *args, config, str(out), str(report_dir), force)
                        for p in paths]
             for fut in as_completed(futures):
@@ -258,9 +316,7 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
             rows.append(qc_slide(p, *args, config, out, report_dir, force))
             bar.update()
     bar.close()
-    consolidate(out)
-    order = {str(p): i for i, p in enumerate(paths)}
-    return sorted(rows, key=lambda r: order.get(r["path"], 0))
+    return rows
 
 
 def write_run_report(rows: list[dict], out: str | Path, report_dir: str | Path) -> dict[str, Path]:

@@ -49,9 +49,10 @@ RUNTIME_KEYS = {"encoder": ("device", "compile", "channels_last"), "tiles": ("wo
 
 def aggregate(maps: np.ndarray, how: str) -> np.ndarray:
     """Tile scores (N,) of per-position score maps (N, h, w): "max", "mean" or "topK" (mean of the top K %)."""
-    flat = np.asarray(maps, dtype=np.float32).reshape(len(maps), -1)
+    maps = np.asarray(maps, dtype=np.float32)
+    flat = maps.reshape(len(maps), int(np.prod(maps.shape[1:])))
     if how == "max":
-        return flat.max(1)
+        return flat.max(1, initial=-np.inf)
     if how == "mean":
         return flat.mean(1)
     match = re.fullmatch(r"top(\d+)", str(how))

@@ -7,9 +7,11 @@ tile through zarr, or memory-mapped when uncompressed) or PIL (PNG/JPEG, read on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
+import os
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 MPP_TOLERANCE = 0.01          # a pyramid step within 1 % of the asked mpp is read as is
 PLAUSIBLE_MPP = (0.01, 50.0)  # metadata mpp outside this range (e.g. 72 dpi = 352.8 µm/px) is not a scan resolution
 MAX_READ_PIXELS = 1 << 24     # larger reads are split into bands (bounded memory for thumbnails)
+MAX_OUTPUT_PIXELS = 1 << 28   # a region or thumbnail larger than this (768 MiB of RGB) is refused
+# Level-0 pixels per byte of file beyond any codec's reach: a uniform 256 px tile takes ~200 bytes in zlib or JPEG
+# (0.003 bytes/px); a header claiming pixels at under 1e-4 bytes each is corrupt (checked above 2**24 pixels).
+MIN_BYTES_PER_PIXEL = 1e-4
+MULTI_FILE_SUFFIXES = {".mrxs", ".vms", ".vmu"}  # the pixels are in other files beside the one opened
 HEAD_BYTES = 1 << 20
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
                   ".btf", ".png", ".jpg", ".jpeg"}
@@ -149,6 +156,10 @@ class _TiffReader:
                 self._stores.append(store)
                 arr = zarr.open_array(store, mode="r")
                 if all(c >= s for c, s in zip(arr.chunks, arr.shape, strict=True)):
+                    if arr.size > 3 * MAX_OUTPUT_PIXELS:
+                        raise SlideError(f"{path.name} holds {arr.shape} pixels in one compressed chunk, more than "
+                                         f"can be decoded in bounded memory (or a corrupt header); convert it to a "
+                                         f"tiled pyramidal TIFF (e.g. `vips tiffsave in out.tif --tile --pyramid`)")
                     arr = arr[...]  # one chunk (a single strip or tile): decode it once
                 self._arrays.append(arr)
             self.level_dimensions = [(lvl.shape[lvl.axes.index("X")], lvl.shape[lvl.axes.index("Y")])
@@ -259,6 +270,28 @@ def _open_reader(path: Path) -> _OpenSlideReader | _TiffReader | _ArrayReader:
     )
 
 
+def _check_file(p: Path) -> None:
+    """SlideError with the reason when p is not a readable, non-empty file."""
+    if p.is_symlink() and not p.exists():
+        try:
+            p.stat()
+        except OSError as exc:
+            why = "a loop of symbolic links" if exc.errno == errno.ELOOP else f"a link to {os.readlink(p)}, which is missing"
+            raise SlideError(f"{p} is {why}; fix or remove the link") from exc
+    if not p.exists():
+        raise SlideError(f"{p} does not exist; check the path (and that the disk holding it is mounted)")
+    if p.is_dir():
+        raise SlideError(f"{p} is a directory; pass a slide file (for MRXS the .mrxs file beside its folder)")
+    try:
+        with open(p, "rb") as fh:
+            fh.read(1)
+    except PermissionError as exc:
+        raise SlideError(f"{p}: permission denied (this user cannot read it); fix its permissions, "
+                         f"e.g. chmod a+r, or run as a user who can read it") from exc
+    if p.stat().st_size == 0:
+        raise SlideError(f"{p.name} is empty (0 bytes); the copy or download is incomplete - copy it again")
+
+
 class Slide:
     """An opened slide: metadata, and regions or thumbnails read at any mpp.
 
@@ -271,15 +304,27 @@ class Slide:
         mpp = _check_mpp_arg(mpp, "mpp")
         mpp_fallback = _check_mpp_arg(mpp_fallback, "mpp_fallback")
         p = self.path
-        if not p.exists():
-            raise SlideError(f"{p} does not exist; check the path (and that the disk holding it is mounted)")
-        if p.is_dir():
-            raise SlideError(f"{p} is a directory; pass a slide file (for MRXS the .mrxs file beside its folder)")
-        if p.stat().st_size == 0:
-            raise SlideError(f"{p.name} is empty (0 bytes); the copy or download is incomplete - copy it again")
+        _check_file(p)
         self._reader = _open_reader(p)
+        try:
+            self._check_dimensions()
+        except SlideError:
+            self.close()
+            raise
         self.mpp = self._resolve_mpp(self._reader.mpp, mpp, mpp_fallback)
         log.debug("opened %s with %s, mpp %.4g, %d steps", p, self.backend, self.mpp, self.level_count)
+
+    def _check_dimensions(self) -> None:
+        """Refuse a header whose level-0 size is implausible for the file's size (a corrupt or forged header)."""
+        w0, h0 = self._reader.level_dimensions[0]
+        pixels = w0 * h0
+        if self.path.suffix.lower() in MULTI_FILE_SUFFIXES or pixels <= MAX_READ_PIXELS:
+            return
+        size = self.path.stat().st_size
+        if size / pixels < MIN_BYTES_PER_PIXEL:
+            raise SlideError(f"{self.path.name} claims {w0} x {h0} pixels in {size} bytes ({size / pixels:.2g} bytes "
+                             f"per pixel, below any codec's {MIN_BYTES_PER_PIXEL:g}); its header is corrupt "
+                             f"- copy or export the slide again")
 
     @classmethod
     def from_config(cls, path: str | Path, config: dict) -> "Slide":
@@ -364,6 +409,10 @@ class Slide:
         w, h = (int(v) for v in size)
         if w <= 0 or h <= 0:
             raise ConfigError(f"{self.id}: region size {tuple(size)} must be positive; pass (width, height) in pixels")
+        if w * h > MAX_OUTPUT_PIXELS:
+            raise SlideError(f"{self.id}: a read of {w} x {h} px at {mpp:g} mpp would take {w * h * 3 / 2**30:.1f} GiB "
+                             f"(limit {MAX_OUTPUT_PIXELS} px); the slide's size {self.dimensions} at mpp "
+                             f"{self.mpp:.4g} is implausible, or ask for a coarser mpp (tissue.thumbnail_mpp)")
         level = self._best_level(mpp)
         d = reader.level_downsamples[level]
         f = mpp / (self.mpp * d)  # pyramid-step pixels per output pixel

@@ -6,19 +6,35 @@ Layout::
       <slide_id>/       attrs: source, sha256_head, mpp, tile size/mpp, n_tiles, n_keep, fingerprint,
                                timings, ..., status ("writing" while arrays are written, "done" last)
         coords int32 (N, 2), rl2 float32 (N,), keep bool (N,), grid uint8 (rows, cols) ("y", "x"),
-        tissue bool (h, w) ("y", "x"), features float32 (N, D) (optional)
+        tissue bool (h, w) ("y", "x"), features float32 (N, D) or (N, g, g, D) (optional),
+        rl2_map float32 (N, h, w) ("tile", "y", "x") (optional)
 
 Processes may write different slides into one store at once: each slide group is its own directory,
 and slide writers never rewrite the root's zarr.json (only open_store with attrs and consolidate do,
-from the one process that drives a run).
+from the one process that drives a run, which holds the store's lock: see `locked`).
+
+A kill at any moment leaves nothing that looks done and nothing a rerun trips over: a slide group is
+written completely under a hidden temporary name (".<key>.tmp-<pid>") and renamed into place; an old
+group is renamed away (".<key>.trash-<pid>") before it is deleted; a new store is created beside its
+path and renamed into place. `tidy` removes what a killed writer left (run under the lock).
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
+import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import socket
+import threading
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +48,85 @@ log = logging.getLogger(__name__)
 MARKER = "wsi_qc"
 DONE = "done"
 WRITING = "writing"
-ARRAYS = ("coords", "rl2", "keep", "grid", "tissue", "rl2_map", "features")
+ARRAYS = ("coords", "rl2", "keep", "grid", "tissue", "features", "rl2_map")
+REQUIRED = ("coords", "rl2", "keep", "grid", "tissue")
+DIMENSIONS = {"grid": ("y", "x"), "tissue": ("y", "x"), "rl2_map": ("tile", "y", "x")}
+MAX_KEY = 200  # longer ids are cut and hashed: "<key>.geojson", ".<key>.tmp-<pid>" stay under 255 bytes
+
+
+class StoreLocked(ConfigError):
+    """Another run holds the store's lock."""
 
 
 def slide_key(slide_id: str) -> str:
-    """Store name of a slide id: characters outside [A-Za-z0-9._-] become '_', a leading '__' becomes '_'."""
+    """Store name of a slide id: characters outside [A-Za-z0-9._-] become '_', leading '__' or '.' become '_';
+    ids longer than MAX_KEY are cut and end in a hash of the whole id (the same name for every output)."""
     key = re.sub(r"[^A-Za-z0-9._-]", "_", str(slide_id))
-    key = re.sub(r"^__+", "_", key)  # names starting with "__" are reserved by zarr v3
     if not key or set(key) == {"."} or key == "zarr.json":
         raise ConfigError(f"slide id {slide_id!r} cannot name a slide in the store; rename the slide file")
+    key = re.sub(r"^(__+|\.+)", "_", key)  # "__" is reserved by zarr v3, "." names the store's temporary folders
+    if len(key) > MAX_KEY:
+        key = f"{key[:MAX_KEY - 17]}-{hashlib.sha256(str(slide_id).encode()).hexdigest()[:16]}"
     return key
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of the store at path: a hidden file beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+_HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (thread holding it, nesting depth), in this process
+
+
+@contextmanager
+def locked(path: str | Path, wait: float = 0.0) -> Iterator[Path]:
+    """Hold the store's exclusive lock (flock on its lock file, released by the kernel if this process dies).
+
+    Waits up to `wait` seconds for another holder, then raises StoreLocked naming its pid and host. The thread
+    that holds the lock may take it again (a CLI run holds it around run_slides and the report).
+    """
+    lock = lock_path(Path(path).absolute())
+    thread, depth = _HELD.get(lock, (None, 0))
+    if thread == threading.get_ident():
+        _HELD[lock] = (thread, depth + 1)
+        try:
+            yield lock
+        finally:
+            _HELD[lock] = (thread, depth)
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreLocked(_locked_message(path, lock, wait)) from None
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        _HELD[lock] = (threading.get_ident(), 1)
+        try:
+            yield lock
+        finally:
+            del _HELD[lock]
+    finally:
+        os.close(fd)
+
+
+def _locked_message(path, lock: Path, wait: float) -> str:
+    try:
+        holder = json.loads(lock.read_text())
+        who = f"pid {holder['pid']} on host {holder['host']}, since {time.ctime(holder['since'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "a process that has not written its pid yet"
+    return (f"store {path} is in use by another wsi-qc run ({who}; lock file {lock}, waited {wait:g} s); "
+            f"wait for that run to finish, set run.lock_wait to wait for it, or choose another --out")
 
 
 def _not_a_store(path: Path, why: str) -> ConfigError:
@@ -58,16 +143,10 @@ def open_store(path: str | Path, create: bool = True, attrs: dict | None = None)
     path = Path(path)
     if path.is_file():
         raise _not_a_store(path, "it is a file")
-    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))
-    if fresh:
+    if not path.exists() or (path.is_dir() and all(_is_partial(p) for p in path.iterdir())):
         if not create:
             raise ConfigError(f"no wsi-qc store at {path}; run `wsi-qc run --out {path}` first or fix the path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        marker = {"version": __version__, **_jsonable(attrs or {})}
-        try:
-            return zarr.open_group(path, mode="w-", zarr_format=3, attributes={MARKER: marker})
-        except FileExistsError:  # another process created it just now
-            pass
+        _create(path, {"version": __version__, **_jsonable(attrs or {})})
     if not (path / "zarr.json").is_file():
         raise _not_a_store(path, "a directory without zarr.json")
     try:
@@ -79,6 +158,66 @@ def open_store(path: str | Path, create: bool = True, attrs: dict | None = None)
     if attrs:
         root.update_attributes({MARKER: {**root.attrs[MARKER], **_jsonable(attrs), "version": __version__}})
     return root
+
+
+_LEFTOVER = re.compile(r"^\..+\.(tmp|trash)-\d+$")  # names of temporary and deleted groups and stores
+
+
+def _is_partial(p: Path) -> bool:
+    """A file zarr was writing when its process died (zarr.json is written as zarr.<hex>.partial, then renamed)."""
+    return p.is_file() and p.name.endswith(".partial")
+
+
+def _create(path: Path, marker: dict) -> None:
+    """A new store, built beside path and renamed onto it (absent or empty), so a kill leaves no half store."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    zarr.open_group(tmp, mode="w-", zarr_format=3, attributes={MARKER: marker})
+    if path.is_dir():
+        for p in path.iterdir():  # leftovers of a store creation killed before this version
+            p.unlink(missing_ok=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process created it just now
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tidy(path: str | Path) -> list[Path]:
+    """Remove what killed writers left in and beside the store (temporary groups, deleted groups, *.partial).
+
+    Only safe while no other process writes the store: call it under `locked`. Returns what was removed.
+    """
+    path = Path(path)
+    found = [p for p in path.parent.glob(f".{glob.escape(path.name)}.tmp-*") if _LEFTOVER.match(p.name)]
+    if (path / "zarr.json").is_file():  # inside a store only, never in a folder that is not one
+        found += [p for p in path.iterdir() if _LEFTOVER.match(p.name) or _is_partial(p)]
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if found:
+        log.info("removed %d leftovers of interrupted writes in %s", len(found), path)
+    return found
+
+
+def _folder(root: zarr.Group) -> Path:
+    """The directory of a group in a local store."""
+    base = getattr(root.store, "root", None)
+    if base is None:
+        raise ConfigError(f"the store {root.store} is not a local folder; open the store with open_store(path)")
+    return Path(base) / root.path
+
+
+def _discard(folder: Path) -> None:
+    """Delete a group's folder: renamed away first, so a kill never leaves a half-deleted group under its name."""
+    if not folder.exists():
+        return
+    trash = folder.with_name(f".{folder.name}.trash-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(folder, trash)
+    shutil.rmtree(trash)
 
 
 def _live(root: zarr.Group) -> zarr.Group:
@@ -118,8 +257,9 @@ def _array(name: str, value, ndim: int, kinds: str, dtype) -> np.ndarray:
 
 
 def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tissue, attrs: dict,
-                rl2_map=None, features=None) -> zarr.Group:
-    """Write one slide's group completely, replacing any earlier one; status "done" is written last."""
+                features=None, rl2_map=None) -> zarr.Group:
+    """Write one slide's group completely under a temporary name, mark it done, rename it into place
+    (replacing any earlier one)."""
     key = slide_key(slide_id)
     arrays = {
         "coords": _array("coords", coords, 2, "iu", np.int32),
@@ -128,37 +268,51 @@ def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tis
         "grid": _array("grid", grid, 2, "iu", np.uint8),
         "tissue": _array("tissue", tissue, 2, "b", np.bool_),
     }
-    if rl2_map is not None:
-        arrays["rl2_map"] = _array("rl2_map", rl2_map, 3, "f", np.float32)
     if features is not None:
-        f = np.asarray(features)
-        arrays["features"] = _array("features", f, f.ndim if f.ndim in (2, 4) else 2, "fiu", np.float32)
+        f = np.asarray(features)  # (N, D) pooled or (N, g, g, D) local
+        arrays["features"] = _array("features", f, 4 if f.ndim == 4 else 2, "fiu", np.float32)
+    if rl2_map is not None:
+        arrays["rl2_map"] = _array("rl2_map", rl2_map, 3, "fiu", np.float32)
     n = len(arrays["rl2"])
     if arrays["coords"].shape[1:] != (2,):
         raise ConfigError(f"coords must have shape (N, 2), got {arrays['coords'].shape}")
-    for name in ("coords", "keep", "rl2_map", "features"):
+    for name in ("coords", "keep", "features", "rl2_map"):
         if name in arrays and len(arrays[name]) != n:
             raise ConfigError(f"slide {slide_id}: {name} has {len(arrays[name])} rows but rl2 has {n}; "
                               f"pass one row per tile")
     attrs = _jsonable(attrs)
     root = _live(root)
-    if key in root:
-        log.info("replacing slide %s in the store (status %s)", key, root[key].attrs.get("status"))
-        del root[key]
-    group = root.create_group(key, attributes={"status": WRITING})
+    folder = _folder(root)
+    tmp = folder / f".{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w-", zarr_format=3, attributes={"status": WRITING})
     for name, a in arrays.items():
-        dims = {"grid": ("y", "x"), "tissue": ("y", "x"), "rl2_map": ("tile", "y", "x")}.get(name)
-        group.create_array(name, data=a, dimension_names=dims)
+        group.create_array(name, data=a, dimension_names=DIMENSIONS.get(name))
     group.update_attributes({**attrs, "status": DONE})
-    return group
+    if (folder / key).exists():
+        log.info("replacing slide %s in the store", key)
+        _discard(folder / key)
+    os.rename(tmp, folder / key)
+    return root[key]
 
 
-def slide_done(root: zarr.Group, slide_id: str, fingerprint: str) -> bool:
-    """True when the slide's group is complete (status "done") and was written under this fingerprint."""
+def slide_done(root: zarr.Group, slide_id: str, fingerprint: str, arrays: tuple[str, ...] = ()) -> bool:
+    """True when the slide's group is complete (status "done", every required array and `arrays` present with
+    one row per tile) and was written under this fingerprint."""
     group = _live(root).get(slide_key(slide_id))
     if not isinstance(group, zarr.Group):
         return False
-    return group.attrs.get("status") == DONE and group.attrs.get("fingerprint") == fingerprint
+    if group.attrs.get("status") != DONE or group.attrs.get("fingerprint") != fingerprint:
+        return False
+    try:
+        shapes = {name: group[name].shape for name in (*REQUIRED, *arrays)}
+        shapes.update({name: group[name].shape for name in ARRAYS if name not in shapes and name in group})
+    except (KeyError, ValueError, OSError):
+        return False
+    n = group.attrs.get("n_tiles", shapes["rl2"][0])
+    per_tile = [shape[0] for name, shape in shapes.items() if name not in ("grid", "tissue")]
+    return (shapes["coords"] == (n, 2) and all(rows == n for rows in per_tile)
+            and len(shapes["grid"]) == 2 and len(shapes["tissue"]) == 2)
 
 
 def read_slide(root: zarr.Group, slide_id: str) -> dict:
@@ -176,14 +330,15 @@ def read_slide(root: zarr.Group, slide_id: str) -> dict:
 def list_slides(root: zarr.Group) -> dict[str, str]:
     """{slide id: status} for every slide group in the store ("writing" = interrupted or in progress)."""
     root = _live(root)
-    return {name: group.attrs.get("status", "unknown") for name, group in sorted(root.groups())}
+    with warnings.catch_warnings():  # hidden leftovers of a killed writer are not slides (tidy removes them)
+        warnings.filterwarnings("ignore", message="Object at .* is not recognized")
+        groups = sorted(root.groups())
+    return {name: group.attrs.get("status", "unknown") for name, group in groups if not name.startswith(".")}
 
 
 def remove_slide(root: zarr.Group, slide_id: str) -> None:
     """Delete a slide's group (a no-op when it is absent)."""
-    root, key = _live(root), slide_key(slide_id)
-    if key in root:
-        del root[key]
+    _discard(_folder(_live(root)) / slide_key(slide_id))
 
 
 def consolidate(root_path: str | Path) -> zarr.Group:

@@ -19,6 +19,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from wsi_qc import __version__
 from wsi_qc.errors import ConfigError, NotFittedError
+from wsi_qc.schema import Limit, check_value
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Threshold:
         scores = np.asarray(reference_scores, dtype=float).ravel()
         self.threshold_ = conformal_threshold(scores, float(self.value))
         self.auc_, self.auc_ci_ = float("nan"), (float("nan"), float("nan"))
-        self.roc_ = (np.zeros(0), np.zeros(0), np.zeros(0))
+        self.roc_ = (np.zeros(0), np.zeros(0), np.sort(scores)[::-1])  # no ROC: the held-out scores as thresholds
         self.n_good_, self.n_bad_ = len(scores), 0
         log.info("label-free threshold %.4g: %.1f %% of %d held-out reference tiles above it at most",
                  self.threshold_, 100 * float(self.value), len(scores))
@@ -158,18 +159,19 @@ class Threshold:
                               f"wsi-qc calibrate --scorer SCORER --out {path}")
         try:
             d = json.loads(path.read_text())
-            saved = d["scorer_fingerprint"]
-            self = cls(d["rule"], d["value"], d["n_bootstrap"], d["seed"])
-            roc = d["roc"]
-            self.threshold_ = float(d["threshold"])
-            self.auc_ = np.nan if d["auc"] is None else float(d["auc"])
-            self.auc_ci_ = tuple(np.nan if v is None else float(v) for v in d["auc_ci"])
-            self.roc_ = (np.asarray(roc["fpr"], float), np.asarray(roc["tpr"], float),
-                         np.array([np.inf if v is None else v for v in roc["thresholds"]], float))
-            self.n_good_, self.n_bad_ = int(d["n_good"]), int(d["n_bad"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"calibration file {path} is not a wsi-qc calibration ({type(exc).__name__}: {exc}); "
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"calibration file {path} is not JSON ({exc}); "
                               f"recreate it with wsi-qc calibrate --scorer SCORER --out {path}") from exc
+        _check_calibration(d, path)
+        saved = d["scorer_fingerprint"]
+        self = cls(d["rule"], d["value"], d["n_bootstrap"], d["seed"])
+        roc = d["roc"]
+        self.threshold_ = float(d["threshold"])
+        self.auc_ = np.nan if d["auc"] is None else float(d["auc"])  # None: a label-free calibration
+        self.auc_ci_ = tuple(np.nan if v is None else float(v) for v in d["auc_ci"])
+        self.roc_ = (np.asarray(roc["fpr"], float), np.asarray(roc["tpr"], float),
+                     np.array([np.inf if v is None else v for v in roc["thresholds"]], float))
+        self.n_good_, self.n_bad_ = int(d["n_good"]), int(d["n_bad"])
         if scorer_fingerprint is not None and saved != scorer_fingerprint:
             raise ConfigError(f"calibration {path} was fitted for scorer fingerprint {saved}, but the scorer in use "
                               f"has fingerprint {scorer_fingerprint}; recalibrate with "
@@ -181,6 +183,48 @@ class Threshold:
         self._check_params()
         self.scorer_fingerprint_ = saved
         return self
+
+
+CALIBRATION_KEYS = {
+    "threshold": (float, Limit()), "rule": (str, Limit(choices=RULES)), "value": (float, Limit(null=True)),
+    "n_bootstrap": (int, Limit(low=0)), "seed": (int, Limit(low=0)), "auc": (float, Limit(low=0, high=1, null=True)),
+    "auc_ci": (list, Limit()), "roc": (dict, Limit()), "n_good": (int, Limit(low=1)), "n_bad": (int, Limit(low=0)),
+    "scorer_fingerprint": (str, Limit()),
+}
+# A threshold further than this many times the span of the calibration's own ROC thresholds (its scores)
+# outside that span is refused: it keeps every tile or none of any slide the calibration could describe.
+THRESHOLD_SPAN_MARGIN = 10.0
+
+
+def _check_calibration(d, path: Path) -> None:
+    """Every key of a calibration JSON present, typed and in range; the threshold finite and near its ROC."""
+    fix = f"recreate it with wsi-qc calibrate --scorer SCORER --out {path}"
+    if not isinstance(d, dict):
+        raise ConfigError(f"calibration file {path} holds a {type(d).__name__}, not a calibration; {fix}")
+    for key, (kind, limit) in CALIBRATION_KEYS.items():
+        if key not in d:
+            raise ConfigError(f"calibration file {path} is not a wsi-qc calibration: it has no key {key!r}; {fix}")
+        check_value(key, d[key], kind, limit, f"calibration file {path}", fix)
+    for key in ("fpr", "tpr", "thresholds"):
+        values = d["roc"].get(key)
+        if not isinstance(values, list) or not all(v is None or _is_number(v) for v in values):
+            raise ConfigError(f"roc.{key} in calibration file {path} must be a list of numbers, got {values!r:.80}; "
+                              f"{fix}")
+    if len(d["auc_ci"]) != 2 or not all(v is None or _is_number(v) for v in d["auc_ci"]):
+        raise ConfigError(f"auc_ci={d['auc_ci']!r} in calibration file {path} must be two numbers (or null); {fix}")
+    scores = np.array([v for v in d["roc"]["thresholds"] if v is not None], float)
+    scores = scores[np.isfinite(scores)]
+    if len(scores):
+        lo, hi = float(scores.min()), float(scores.max())
+        margin = THRESHOLD_SPAN_MARGIN * max(hi - lo, 1e-6 * max(1.0, abs(hi)))
+        if not lo - margin <= d["threshold"] <= hi + margin:
+            raise ConfigError(f"threshold={d['threshold']!r} in calibration file {path} is far outside the scores it "
+                              f"was calibrated on ({lo:.4g} to {hi:.4g}; allowed {lo - margin:.4g} to "
+                              f"{hi + margin:.4g}); set a threshold within that range or {fix}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:

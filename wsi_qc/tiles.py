@@ -88,12 +88,11 @@ def make_tiles(
     )
     fraction = np.clip(covered / ((right - left) * (bottom - top)), 0.0, 1.0)
     keep = fraction >= min_tissue - _EPS if min_tissue > 0 else fraction > _EPS
-    if not keep.any():
-        raise SlideError(
-            f"{_name(slide)}: no tile of {size} px at {mpp:g} mpp has a tissue fraction >= {min_tissue:g} "
-            f"(tissue covers {100 * mask.mean():.1f} % of the thumbnail, best tile {fraction.max():.2f}); "
-            "lower tiles.min_tissue or try another tissue.method (otsu_saturation finds pale tissue)"
-        )
+    if not keep.any():  # a blank slide is a result (0 tiles), not a failure
+        log.warning("%s: no tile of %d px at %g mpp has a tissue fraction >= %g (tissue covers %.1f %% of the "
+                    "thumbnail, best tile %.2f); if it holds tissue, lower tiles.min_tissue or try another "
+                    "tissue.method (otsu_saturation finds pale tissue)", _name(slide), size, mpp, min_tissue,
+                    100 * mask.mean(), fraction.max())
     coords = np.stack([np.rint(x0[keep]), np.rint(y0[keep])], axis=1).astype(np.int32)
     log.debug("%s: %d of %d x %d grid positions kept", _name(slide), keep.sum(), rows, cols)
     return Tiles(
