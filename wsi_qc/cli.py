@@ -157,6 +157,20 @@ def cmd_run(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_make_calibration_set(args) -> int:
+    from wsi_qc.calibration_set import make_calibration_set
+
+    summary = make_calibration_set(args.out, args.config, args.slides, n_clean=args.n_clean, seed=args.seed,
+                                   overwrite=args.overwrite)
+    c = summary["counts"]
+    print(f"{c['source_tiles']} source tiles -> {c['reference']} reference, {c['calibration_good']} good and "
+          f"{c['calibration_bad']} artifact calibration tiles in {Path(args.out) / 'labels.csv'}")
+    if summary["failed"]:
+        print(f"{len(summary['failed'])} slide(s) failed: {', '.join(Path(p).name for p in summary['failed'])}")
+        return 1
+    return 0
+
+
 def cmd_encoders(args) -> int:
     from wsi_qc.catalogue import catalogue_table
 
@@ -171,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, mpp=True):
-        p.add_argument("--config", help="YAML file overriding configs/default.yaml")
+        p.add_argument("--config", help="YAML file overriding the defaults (wsi_qc/configs/default.yaml)")
         if mpp:
             p.add_argument("--mpp", type=float, help="level-0 mpp of the slides, overriding their metadata")
         return p
@@ -225,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-tiles", metavar="DIR", help="also write the kept tiles as PNGs (read at the tile mpp), "
                    "one folder per slide, for dataset building")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("make-calibration-set", help="a labelled calibration set: clean tiles of good slides "
+                       "and synthetic artifact versions of them (reference/, calibration/, labels.csv)")
+    p.add_argument("--config", help="YAML with a calibration_set section and wsi-qc keys such as tiles.size, "
+                   "overriding wsi_qc/configs/calibration_set.yaml")
+    p.add_argument("--slides", nargs="+", help="slide files or folders (default: ../shared/data/slides beside a "
+                   "checkout, else generated example slides)")
+    p.add_argument("--out", required=True, help="folder for reference/, calibration/, labels.csv and summary.json")
+    p.add_argument("--n-clean", type=int, help="clean source tiles drawn (calibration_set.n_clean)")
+    p.add_argument("--seed", type=int, help="seed of the draw, split and artifacts (calibration_set.seed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
+    p.set_defaults(func=cmd_make_calibration_set)
 
     p = sub.add_parser("encoders", help="list the encoder catalogue and which weights are available here")
     p.set_defaults(func=cmd_encoders)
