@@ -1,4 +1,4 @@
-"""`wsi-qc run` from the command line: exit codes, a run killed with SIGKILL and resumed, tile export, Dask."""
+"""`wsi-qc` from the command line: exit codes, a run killed with SIGKILL and resumed, tile export, Dask, quiet logs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import write_tile_folder
 from wsi_qc import cli
 from wsi_qc.store import list_slides, open_store, read_slide
 
@@ -149,3 +150,21 @@ def test_run_against_a_dask_scheduler_address(qc_kit, reference_run, tmp_path):
     assert list_slides(got) == list_slides(ref)
     for sid in list_slides(ref):
         assert np.allclose(read_slide(got, sid)["rl2"], read_slide(ref, sid)["rl2"], rtol=1e-5, atol=1e-6)
+
+
+def test_commands_are_quiet_unless_verbose(tmp_path):
+    """The default encoder's weights load into a features-only model: timm's "Unexpected keys" warning and its
+    checkpoint INFO lines stay off stderr by default and come back with -v."""
+    tiles = write_tile_folder(tmp_path / "tiles", n=24)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("tiles: {size: 64}\nencoder: {device: cpu}\n"
+                      "flow: {epochs: 1, n_blocks: 1, hidden: 16, min_reference: 20, device: cpu}\n")
+    argv = [sys.executable, "-m", "wsi_qc.cli", "fit-reference", str(tiles), "--config", str(config)]
+    quiet = subprocess.run([*argv, "--out", str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "reference: 24 tiles" in quiet.stdout
+    assert quiet.stderr == ""
+    loud = subprocess.run([*argv[:3], "-v", *argv[3:], "--out", str(tmp_path / "b")], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert loud.returncode == 0, loud.stderr
+    assert "Unexpected keys (conv_head.weight" in loud.stderr and "INFO timm" in loud.stderr
