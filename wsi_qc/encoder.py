@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from wsi_qc.catalogue import HUB_PREFIXES
 from wsi_qc.config import resolve_device
 from wsi_qc.errors import ConfigError
 
@@ -97,8 +98,8 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
 
 def check_model_name(name: str) -> None:
     """Raise ConfigError with close matches when `name` is not a timm model."""
-    if timm.is_model(name):
-        return
+    if timm.is_model(name) or (name.startswith(HUB_PREFIXES) and name.split(":", 1)[1]):
+        return  # a hub repo (hf-hub:org/name) is only known once fetched
     base = name.split(".")[0]
     names = timm.list_models()
     close = timm.list_models(f"*{base}*")[:5] + difflib.get_close_matches(base, names, n=5, cutoff=0.6)
@@ -296,13 +297,15 @@ class Encoder:
         headless = {"num_classes": 0, **extra}
         if self.weights == "hub":
             kwargs = headless
-            if self.levels is not None:
-                probe = timm.create_model(self.name, **headless)
-                self._check_levels(probe)
-                if not _is_token_model(probe):
-                    kwargs = {"features_only": True, "out_indices": tuple(self.levels), **extra}
             try:
+                if self.levels is not None:
+                    probe = timm.create_model(self.name, **headless)  # hf-hub: names fetch their config here
+                    self._check_levels(probe)
+                    if not _is_token_model(probe):
+                        kwargs = {"features_only": True, "out_indices": tuple(self.levels), **extra}
                 model = timm.create_model(self.name, pretrained=True, **kwargs)
+            except ConfigError:
+                raise
             except Exception as err:  # network / hub client errors come in many types
                 raise ConfigError(
                     f"could not fetch pretrained weights of {self.name!r} from the model hub (unreachable or "
