@@ -145,7 +145,7 @@ def cmd_run(args) -> int:
         raise WSIQCError(f"no slides found in {', '.join(args.inputs)} (pattern {config['run']['pattern']}); "
                          f"pass slide files, a folder or a CSV manifest")
     rows = run_slides(paths, args.scorer, args.calibration, config, out, report_dir, force=args.force)
-    write_run_report(rows, out, report_dir)
+    write_run_report(rows, out, report_dir, embed=args.embed)
     if args.export_tiles:
         counts = export_tiles(out, args.export_tiles, [r["slide"] for r in rows if r["status"] != "failed"])
         print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="comma-separated globs for folders (run.pattern)")
     p.add_argument("--save-features", action="store_true", help="also store the features of every tile")
     p.add_argument("--force", action="store_true", help="redo slides already done")
+    p.add_argument("--embed", action="store_true", help="one self-contained report.html (images embedded, slide "
+                   "pages as sections; for a handful of slides) instead of report.html + slides/<slide>.html")
     p.add_argument("--export-tiles", metavar="DIR", help="also write the kept tiles as PNGs (read at the tile mpp), "
                    "one folder per slide, for dataset building")
     p.set_defaults(func=cmd_run)
