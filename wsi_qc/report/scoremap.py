@@ -79,8 +79,9 @@ def raster_scale(thumb_side: float, tile_px: float, rl2_map: np.ndarray | None) 
 
 def score_map_png(path: str | os.PathLike, thumbnail: np.ndarray, thumbnail_mpp: float, slide_mpp: float,
                   coords: np.ndarray, tile_size_level0: float, rl2: np.ndarray, rl2_map: np.ndarray | None = None,
-                  *, alpha: float = 0.75) -> tuple[Path, tuple[float, float]]:
-    """Write the score map: tile scores (or per-position maps) on the inferno scale over the grey thumbnail.
+                  *, alpha: float = 0.75, min_side: int = 512) -> tuple[Path, tuple[float, float]]:
+    """Write the score map: tile scores (or per-position maps) on the inferno scale over the grey thumbnail,
+    enlarged (nearest neighbour) to at least `min_side` pixels on its longer side.
 
     Returns (path, (vmin, vmax)) so the page can print the colour scale.
     """
@@ -91,7 +92,9 @@ def score_map_png(path: str | os.PathLike, thumbnail: np.ndarray, thumbnail_mpp:
     coords, _, rl2 = tile_arrays(coords, np.ones(len(np.asarray(rl2).reshape(-1)), bool), rl2)
     maps = check_rl2_map(rl2_map, len(coords))
     to_px = slide_mpp / thumbnail_mpp
-    scale = raster_scale(max(thumb.shape[:2]), tile_size_level0 * to_px, maps)
+    side = max(thumb.shape[:2])
+    enlarge = min(math.ceil(min_side / side), MAX_RASTER_SIDE // side)
+    scale = max(raster_scale(side, tile_size_level0 * to_px, maps), enlarge)
     h, w = thumb.shape[0] * scale, thumb.shape[1] * scale
     values = score_raster((h, w), to_px * scale, coords, tile_size_level0, rl2, maps)
     vmin, vmax = color_range(rl2 if maps is None else maps)
