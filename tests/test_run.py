@@ -252,7 +252,7 @@ def test_export_tiles_writes_kept_tiles_at_tile_mpp(faulty_run, tmp_path):
 
 
 _PROBE = """<script>
-window.addEventListener('load', function () {
+window.addEventListener('load', function () { setTimeout(function () {  // thumbnails load once in view
   function order() {
     return Array.prototype.map.call(document.querySelectorAll('#slides tbody tr'),
                                     function (tr) { return tr.getAttribute('data-slide'); }).join('|');
@@ -268,7 +268,7 @@ window.addEventListener('load', function () {
   document.querySelector('th[data-col="slide"]').click(); out.bySlide = order();
   var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
-});
+}, 300); });
 </script>"""
 
 _SLIDE_PROBE = """<script>
@@ -287,8 +287,9 @@ def _probe(binary: str, page: Path, script: str, profile: Path):
     probe = page.with_name(f"probe-{page.name}")
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
     cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-           "--disable-background-networking", "--allow-file-access-from-files", f"--user-data-dir={profile}",
-           "--virtual-time-budget=3000", "--dump-dom", probe.as_uri()]
+           "--disable-background-networking", "--allow-file-access-from-files", "--window-size=1400,2000",
+           f"--user-data-dir={profile}",
+           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
     try:
         dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
     finally:

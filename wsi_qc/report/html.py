@@ -40,7 +40,7 @@ th[data-col]:hover{background:#e4e4e4}
 th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::after{content:" \\25BC"}
 tr.failed td{background:#fdecee} .status-failed{color:#b00020;font-weight:600}
 .status-done{color:#1a7f37;font-weight:600}
-img.thumb{max-width:120px;max-height:120px}
+img.thumb{width:120px;height:90px;object-fit:contain}  /* a fixed box: lazy loading skips rows out of view */
 img.figure{max-width:100%;cursor:zoom-in} img.big{max-width:none;cursor:zoom-out}
 .figures{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start} .figures figure{margin:0;max-width:100%}
 .gallery{display:flex;flex-wrap:wrap;gap:.6rem}
@@ -55,6 +55,18 @@ ZOOM_JS = """
 document.querySelectorAll('img.figure').forEach(function(img){
   img.addEventListener('click', function(){ img.classList.toggle('big'); });
 });
+"""
+
+DEFER_JS = """
+(function(){
+  var images = document.querySelectorAll('img[data-src]');
+  function show(img){ img.src = img.getAttribute('data-src'); img.removeAttribute('data-src'); }
+  if (!('IntersectionObserver' in window)) { images.forEach(show); return; }
+  var seen = new IntersectionObserver(function(entries){
+    entries.forEach(function(e){ if (e.isIntersecting) { show(e.target); seen.unobserve(e.target); } });
+  }, {rootMargin: '600px'});
+  images.forEach(function(img){ seen.observe(img); });
+})();
 """
 
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
@@ -117,15 +129,21 @@ def image_src(path: str | os.PathLike, page_dir: str | os.PathLike, embed: bool)
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def img(path: str | os.PathLike | None, page_dir: str | os.PathLike, embed: bool, css: str, alt: str) -> str:
-    """An <img> (lazy-loaded when linked), a note when the file is missing, "" without a path."""
+def img(path: str | os.PathLike | None, page_dir: str | os.PathLike, embed: bool, css: str, alt: str,
+        defer: bool = False) -> str:
+    """An <img> (lazy-loaded when linked), a note when the file is missing, "" without a path.
+
+    `defer`: a linked image gets its src from DEFER_JS only once it scrolls into view (Chromium loads every
+    loading="lazy" image of a long local page at once).
+    """
     if path is None:
         return ""
     src = image_src(path, page_dir, embed)
     if src is None:
         return f'<span class="error">missing image: {esc(Path(path).name)}</span>'
-    lazy = "" if embed else ' loading="lazy"'
-    return f'<img class="{css}" src="{src}" alt="{esc(alt)}"{lazy}>'
+    if embed:
+        return f'<img class="{css}" src="{src}" alt="{esc(alt)}">'
+    return f'<img class="{css}" {"data-src" if defer else "src"}="{src}" alt="{esc(alt)}" loading="lazy">'
 
 
 def traceback_details(row: dict) -> str:
@@ -142,7 +160,7 @@ def document(title: str, body: str, script: str = "") -> str:
         f"<style>{CSS}</style></head><body>"
         f"<h1>{esc(title)}</h1><div class=\"meta\">wsi-qc {esc(__version__)}, written {esc(stamp)}. "
         "rl2: distance to the reference tissue, higher = worse.</div>"
-        f"{body}<script>{ZOOM_JS}{script}</script></body></html>\n"
+        f"{body}<script>{ZOOM_JS}{DEFER_JS}{script}</script></body></html>\n"
     )
 
 

@@ -176,7 +176,8 @@ def write_report_html(
     for row in rows:
         slide = str(row.get("slide"))
         link = _slide_link(slide, page_dir, slide_pages, sections)
-        thumbnail = img(images.get(slide, {}).get("thumbnail"), page_dir, embed, "thumb", f"thumbnail of {slide}")
+        thumbnail = img(images.get(slide, {}).get("thumbnail"), page_dir, embed, "thumb", f"thumbnail of {slide}",
+                        defer=True)
         body.append(_main_row(row, link, f'<a href="{link}">{thumbnail}</a>' if link and thumbnail else thumbnail))
     figure_html = "".join(f'<figure><figcaption>{esc(caption)}</figcaption>'
                           f'{img(fig_path, page_dir, embed, "figure", caption)}</figure>'
