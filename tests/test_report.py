@@ -1,4 +1,5 @@
-"""Tests of wsi_qc.report: overlay PNG, score maps (rl2_map), tile gallery, GeoJSON, ROC plot, CSV/Parquet, HTML pages."""
+"""Tests of wsi_qc.report: overlay PNG, score maps (rl2_map), tile gallery, GeoJSON, ROC plot, CSV/Parquet,
+HTML pages."""
 
 from __future__ import annotations
 
@@ -433,7 +434,8 @@ def _headless(binary: str, profile: Path, *args: str) -> subprocess.CompletedPro
 _CLICK_SCRIPT = """<script>
 window.addEventListener('load', function () {
   function order() {
-    return Array.prototype.filter.call(document.querySelectorAll('#slides tbody tr'), function (tr) { return !tr.hidden; })
+    var rows = document.querySelectorAll('#slides tbody tr');
+    return Array.prototype.filter.call(rows, function (tr) { return !tr.hidden; })
       .map(function (tr) { return tr.getAttribute('data-slide'); }).join('|');
   }
   var out = ['shown=' + document.getElementById('shown').textContent];

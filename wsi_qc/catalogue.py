@@ -1,4 +1,5 @@
-"""The encoder catalogue: the package's configs/encoders/*.yaml, one known encoder per file, and where its weights are."""
+"""The encoder catalogue: wsi_qc/configs/encoders/*.yaml (package data), one known encoder per file, and where
+its weights are."""
 
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ HIDDEN = {"traceback"}
 
 SUMMARY_JS = """
 (function(){
-  function value(cell){ return cell.hasAttribute('data-value') ? cell.getAttribute('data-value') : cell.textContent.trim(); }
+  function value(cell){
+    return cell.hasAttribute('data-value') ? cell.getAttribute('data-value') : cell.textContent.trim();
+  }
   function compare(a, b){
     var x = Number(a), y = Number(b);
     if (!isNaN(x) && !isNaN(y)) return x - y;

@@ -48,6 +48,12 @@ def _colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return cmap(np.ma.masked_invalid((values - vmin) / (vmax - vmin)))
 
 
+def _blend(base: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+    """uint8 image of `base` (0..255, grey (h, w, 1) or RGB) under the RGBA `heat` at opacity `alpha`."""
+    a = heat[..., 3:] * alpha
+    return ((base / 255.0 * (1 - a) + heat[..., :3] * a) * 255).round().astype(np.uint8)
+
+
 def score_raster(shape: tuple[int, int], level0_to_px: float, coords: np.ndarray, tile_size_level0: float,
                  rl2: np.ndarray, rl2_map: np.ndarray | None = None) -> np.ndarray:
     """Float raster of `shape` (rows, cols) pixels, NaN outside tiles: each tile's square holds its rl2, or its
@@ -100,10 +106,8 @@ def score_map_png(path: str | os.PathLike, thumbnail: np.ndarray, thumbnail_mpp:
     vmin, vmax = color_range(rl2 if maps is None else maps)
     heat = _colorize(values, vmin, vmax)
     grey = np.asarray(Image.fromarray(thumb.astype(np.uint8)).convert("L").resize((w, h), Image.Resampling.NEAREST))
-    a = heat[..., 3:] * alpha
-    out = (grey[..., None] / 255.0) * (1 - a) + heat[..., :3] * a
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((out * 255).round().astype(np.uint8)).save(path, format="PNG", optimize=True)
+    Image.fromarray(_blend(grey[..., None], heat, alpha)).save(path, format="PNG", optimize=True)
     return path, (vmin, vmax)
 
 
@@ -140,10 +144,7 @@ def write_tile_gallery(folder: str | os.PathLike, read_tile: Callable[[int, int]
             rows = np.minimum(np.arange(tile.shape[0]) * maps.shape[1] // tile.shape[0], maps.shape[1] - 1)
             cols = np.minimum(np.arange(tile.shape[1]) * maps.shape[2] // tile.shape[1], maps.shape[2] - 1)
             heat = _colorize(maps[i][np.ix_(rows, cols)], vmin, vmax)
-            a = heat[..., 3:] * alpha
-            blended = tile / 255.0 * (1 - a) + heat[..., :3] * a
             item["map"] = image.with_name(image.stem + "_map.jpg")
-            Image.fromarray((blended * 255).round().astype(np.uint8)).save(item["map"], format="JPEG",
-                                                                          quality=quality)
+            Image.fromarray(_blend(tile, heat, alpha)).save(item["map"], format="JPEG", quality=quality)
         out.append(item)
     return out
