@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tiling.py
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/batch.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) example .pytest_cache

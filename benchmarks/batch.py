@@ -2,7 +2,7 @@
 
 Slides: generated example slides of two sizes (so memory can be compared across slide size) plus the real
 slides in ../shared/data/slides when present (broken ones fail per slide and are left out of the counts).
-Encoder and settings: configs/default.yaml (tf_efficientnet_lite0 with its ImageNet weights, 224 px tiles at
+Encoder and settings: wsi_qc/configs/default.yaml (tf_efficientnet_lite0 with its ImageNet weights, 224 px tiles at
 0.5 mpp, batch 64, 2 reader processes), overlays and GeoJSON on, as `wsi-qc run` does by default. The flow
 is fitted (few epochs) on the features of one generated slide and calibrated on synthetic labels: the flow
 costs microseconds per tile, so its quality does not matter here.
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="sides (px at 0.25 mpp) of the generated slides")
     parser.add_argument("--no-real", action="store_true", help="leave out ../shared/data/slides")
     parser.add_argument("--no-dask", action="store_true", help="leave out the local Dask cluster")
-    parser.add_argument("--config", help="YAML overriding configs/default.yaml")
+    parser.add_argument("--config", help="YAML overriding wsi_qc/configs/default.yaml")
     args = parser.parse_args(argv)
     config = load_config(args.config, overrides={"flow": {"epochs": 20, "min_reference": 20, "pca_dim": 32}})
 

@@ -1,8 +1,8 @@
 """Encoder comparison (issue 6): QC AUC, RL2 monotonicity and stability, speed and size of every encoder.
 
-For every encoder of the catalogue (configs/encoders) whose weights are on this machine:
+For every encoder of the catalogue (wsi_qc/configs/encoders) whose weights are on this machine:
 
-1. labelled calibration sets (pipelines/make_calibration_set: clean reference tiles, clean and synthetic
+1. labelled calibration sets (wsi_qc.calibration_set: clean reference tiles, clean and synthetic
    artifact calibration tiles) from real slides plus generated example slides, one per seed;
 2. every tile is encoded once with all the study's stages (multi-level features) and once with the last
    layer (the model's own pooled head); cheap image statistics (wsi_qc.encoder.IMAGE_STATS) are computed
@@ -40,7 +40,8 @@ import yaml
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from pipelines import degradation_study, make_calibration_set
+from pipelines import degradation_study
+from wsi_qc import calibration_set
 from wsi_qc.calibrate import per_artifact_auc, read_labels
 from wsi_qc.catalogue import encoder_config, load_catalogue, weights_available
 from wsi_qc.config import load_config
@@ -94,7 +95,7 @@ def calibration_sets(config: dict, study: dict, slides: list[Path], out: Path) -
         return {i: Path(p) for i, p in enumerate(study["calibration_sets"])}
     config = copy.deepcopy(config)  # the study's tiles and tissue settings; no overlap between source tiles
     config["tiles"]["overlap"] = 0
-    own = make_calibration_set.read_config(None)[1]
+    own = calibration_set.read_config(None)[1]
     unknown = sorted(set(study.get("calibration") or {}) - set(own))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(unknown)} in study.calibration; known: {', '.join(own)}")
@@ -104,8 +105,8 @@ def calibration_sets(config: dict, study: dict, slides: list[Path], out: Path) -
         folder = out / "data" / f"seed{seed}"
         if not (folder / "labels.csv").is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            summary = make_calibration_set.build(slides, config, {**own, "seed": seed}, folder, int(own["n_clean"]),
-                                                 int(seed))
+            summary = calibration_set.build(slides, config, {**own, "seed": seed}, folder, int(own["n_clean"]),
+                                            int(seed))
             (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         sets[seed] = folder
     return sets

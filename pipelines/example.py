@@ -15,16 +15,13 @@ import argparse
 import shlex
 from pathlib import Path
 
-from pipelines import make_calibration_set
 from wsi_qc import cli
 from wsi_qc.data import write_example_slide
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def step(title: str, argv: list[str], func) -> int:
+def step(title: str, argv: list[str]) -> int:
     print(f"\n== {title}\n$ {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    code = func(argv[1:] if argv[0] == "wsi-qc" else argv[3:])
+    code = cli.main(argv[1:])
     if code != 0:
         raise SystemExit(f"step '{title}' exited {code}")
     return code
@@ -46,14 +43,13 @@ def main(argv: list[str] | None = None) -> int:
             write_example_slide(path, size=(args.size, args.size), mpp=0.25, seed=i)
         print(f"   {path} ({path.stat().st_size / 1e6:.1f} MB)")
     cal, scorer, calibration = out / "calibration", out / "scorer", out / "calibration.json"
-    step("2. labelled calibration set", ["python", "-m", "pipelines.make_calibration_set", "--slides", str(slides),
-                                          "--out", str(cal), "--overwrite"], make_calibration_set.main)
-    step("3. fit the reference flow", ["wsi-qc", "fit-reference", str(cal / "reference"), "--out", str(scorer)],
-         cli.main)
+    step("2. labelled calibration set", ["wsi-qc", "make-calibration-set", "--slides", str(slides), "--out", str(cal),
+                                         "--overwrite"])
+    step("3. fit the reference flow", ["wsi-qc", "fit-reference", str(cal / "reference"), "--out", str(scorer)])
     step("4. calibrate the threshold", ["wsi-qc", "calibrate", "--scorer", str(scorer), "--labels",
-                                        str(cal / "labels.csv"), "--out", str(calibration)], cli.main)
+                                        str(cal / "labels.csv"), "--out", str(calibration)])
     step("5. QC the slide folder", ["wsi-qc", "run", str(slides), "--scorer", str(scorer), "--calibration",
-                                    str(calibration), "--out", str(out / "qc.zarr")], cli.main)
+                                    str(calibration), "--out", str(out / "qc.zarr")])
     print(f"\nDone. Open {out / 'qc-report' / 'report.html'} in a browser; masks are in {out / 'qc.zarr'}.")
     return 0
 

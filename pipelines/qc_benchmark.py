@@ -227,7 +227,7 @@ def features_of(ts: TileSet, config: dict, variant: dict, out: Path) -> np.ndarr
 class Gaussian:
     """Ledoit-Wolf shrinkage Gaussian; score = RMS Mahalanobis distance per dimension."""
 
-    def fit(self, x: np.ndarray, groups=None) -> "Gaussian":
+    def fit(self, x: np.ndarray, tiles=None) -> "Gaussian":
         self.lw_ = LedoitWolf().fit(x)
         return self
 
@@ -242,7 +242,7 @@ class KNN:
     def __init__(self, coreset: int, seed: int):
         self.coreset, self.seed = coreset, seed
 
-    def fit(self, x: np.ndarray, groups=None) -> "KNN":
+    def fit(self, x: np.ndarray, tiles=None) -> "KNN":
         import torch
 
         self.mean_, self.std_ = x.mean(0), x.std(0) + 1e-6
@@ -263,8 +263,8 @@ class FlowHead:
     def __init__(self, params: dict):
         self.params = params
 
-    def fit(self, x: np.ndarray, groups=None) -> "FlowHead":
-        self.flow_ = Flow(**self.params).fit(x, groups)
+    def fit(self, x: np.ndarray, tiles=None) -> "FlowHead":
+        self.flow_ = Flow(**self.params).fit(x, tiles=tiles)
         return self
 
     def score(self, x: np.ndarray) -> np.ndarray:
@@ -349,8 +349,7 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
             x = feats[fit_rows]
             if local:
                 g = feats.shape[1]
-                groups = np.repeat(np.arange(len(x)), g * g)
-                head.fit(x.reshape(-1, x.shape[-1]), groups)
+                head.fit(x.reshape(-1, x.shape[-1]), np.repeat(np.arange(len(x)), g * g))
                 maps = head.score(feats.reshape(-1, feats.shape[-1])).reshape(len(feats), g, g)
                 candidates = {a: aggregate(maps, a) for a in own["aggregates"]}
             else:

@@ -17,6 +17,20 @@ def slides_dir() -> Path:
     return SLIDES_DIR
 
 
+def write_tile_folder(folder: Path, n: int = 60, size: int = 64) -> Path:
+    """`n` small pink-purple noise tiles as PNGs: enough for fit-reference with a tiny flow."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        colour = np.array([200, 120, 170]) + rng.normal(0, 10, 3)
+        tile = np.clip(colour + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(tile).save(folder / f"tile-{i:03d}.png")
+    return folder
+
+
 # ---------------------------------------------------------------- a tiny fitted scorer for batch runs
 
 QC_CONFIG = """\

@@ -1,4 +1,4 @@
-"""`wsi-qc run` from the command line: exit codes, a run killed with SIGKILL and resumed, tile export, Dask."""
+"""`wsi-qc` from the command line: exit codes, a run killed with SIGKILL and resumed, tile export, Dask, quiet logs."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import write_tile_folder
 from wsi_qc import cli
 from wsi_qc.store import list_slides, locked, open_store, read_slide
 
@@ -225,3 +226,20 @@ def test_run_against_a_dask_scheduler_address(qc_kit, reference_run, tmp_path):
         assert cli.main([*resumed, "--report", str(tmp_path / "resumed")]) == 0
     assert set(pd.read_csv(tmp_path / "resumed" / "report.csv").status) == {"skipped"}
     _same_store(tmp_path / "dask.zarr", reference_run["out"], exact=True)  # the same bits as a local run
+
+
+def test_commands_are_quiet_unless_verbose(tmp_path):
+    """Third-party loading chatter (timm's checkpoint INFO lines) stays off stderr by default, back with -v."""
+    tiles = write_tile_folder(tmp_path / "tiles", n=24)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("tiles: {size: 64}\nencoder: {device: cpu}\n"
+                      "flow: {epochs: 1, n_blocks: 1, hidden: 16, min_reference: 20, device: cpu}\n")
+    argv = [sys.executable, "-m", "wsi_qc.cli", "fit-reference", str(tiles), "--config", str(config)]
+    quiet = subprocess.run([*argv, "--out", str(tmp_path / "a")], capture_output=True, text=True, cwd=ROOT)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "reference: 24 tiles" in quiet.stdout
+    assert quiet.stderr == ""
+    loud = subprocess.run([*argv[:3], "-v", *argv[3:], "--out", str(tmp_path / "b")], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert loud.returncode == 0, loud.stderr
+    assert "INFO timm" in loud.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -57,7 +59,5 @@ def test_fingerprint_is_stable_and_sensitive():
 
 
 def test_paper_config_uses_the_papers_encoder():
-    from wsi_qc.config import DEFAULT_CONFIG
-
-    config = load_config(DEFAULT_CONFIG.parent / "paper.yaml")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
     assert config["encoder"]["name"] == "resnet18.tv_in1k" and config["encoder"]["pooling"] == "avg"

@@ -167,6 +167,9 @@ def test_hub_unreachable_is_a_config_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ConfigError, match="model hub .* local weights file"):
         Encoder("resnet18", weights="hub", device="cpu")
+    for levels in (None, [1, 2]):  # an hf-hub: name is accepted and fails at the fetch, with the same error
+        with pytest.raises(ConfigError, match="'hf-hub:MahmoodLab/uni' from the model hub .* local weights file"):
+            Encoder("hf-hub:MahmoodLab/uni", weights="hub", levels=levels, device="cpu")
 
 
 @pytest.mark.slow

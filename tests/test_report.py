@@ -1,4 +1,5 @@
-"""Tests of wsi_qc.report: overlay PNG, GeoJSON of discarded tiles, ROC plot, CSV/Parquet, HTML report."""
+"""Tests of wsi_qc.report: overlay PNG, score maps (rl2_map), tile gallery, GeoJSON, ROC plot, CSV/Parquet,
+HTML pages."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from PIL import Image
 from shapely.geometry import Point, shape
 from skimage.data import immunohistochemistry
 
+from benchmarks.report import synthetic_rows
 from wsi_qc.errors import ConfigError
 from wsi_qc.report import (
     REPORT_COLUMNS,
@@ -24,11 +26,14 @@ from wsi_qc.report import (
     discarded_geojson,
     overlay_png,
     roc_png,
+    score_map_png,
     thumbnail_png,
     write_geojson,
     write_manifest,
     write_report_csv,
     write_report_html,
+    write_slide_page,
+    write_tile_gallery,
 )
 
 SLIDE_MPP = 0.25
@@ -222,72 +227,196 @@ def test_manifest_empty_has_columns(tmp_path):
     assert list(pq.columns) == ["slide", "x", "y", "mpp", "size", "rl2"] and len(pq) == 0
 
 
+# ---------------------------------------------------------------- per-position score maps (rl2_map)
+
+
+def _two_tiles_with_maps():
+    """Two tiles side by side on a blank thumbnail; each map is bright on its left half, dark on its right."""
+    coords = np.array([[0, 0], [896, 0]], np.int32)  # 2 tiles of 896 level-0 px at 0.25 mpp = 28 thumbnail px
+    maps = np.zeros((2, 7, 7), np.float32)
+    maps[:, :, :3] = 1.0
+    return np.full((56, 112, 3), 255, np.uint8), coords, np.array([0.5, 0.5], np.float32), maps
+
+
+def test_score_map_png_draws_each_tiles_map_inside_its_square(tmp_path):
+    thumb, coords, rl2, maps = _two_tiles_with_maps()
+    path, (vmin, vmax) = score_map_png(tmp_path / "map.png", thumb, THUMB_MPP, SLIDE_MPP, coords, 896, rl2, maps)
+    assert (vmin, vmax) == (0.0, 1.0)
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    scale = pixels.shape[1] // 112  # upsampled so that every map position has its own pixels
+    assert scale >= 1 and pixels.shape[0] == 56 * scale
+    for tile in range(2):
+        x0 = tile * 28 * scale
+        left = pixels[5 * scale, x0 + 2 * scale]
+        right = pixels[5 * scale, x0 + 26 * scale]
+        assert left.sum() > right.sum() + 200, (tile, left, right)  # bright (yellow) then dark (black) in one tile
+    assert (pixels[40 * scale:, :] == 255).all()  # below the tiles: the (white) thumbnail
+    flat, _ = score_map_png(tmp_path / "flat.png", thumb, THUMB_MPP, SLIDE_MPP, coords, 896, rl2)  # no map
+    with Image.open(flat) as im:
+        tile = np.asarray(im.convert("RGB"))[:28, :28].reshape(-1, 3)
+    assert len(np.unique(tile, axis=0)) == 1  # one colour per tile
+
+
+def test_overlay_png_with_rl2_map(tmp_path, slide_case):
+    coords, rl2 = slide_case["coords"], slide_case["rl2"]
+    maps = np.zeros((len(coords), 14, 14), np.float32)
+    maps[:, :7] = rl2[:, None, None] * 2  # top half of every tile worse than its bottom half
+    args = (slide_case["thumb"], THUMB_MPP, SLIDE_MPP, coords, TILE, slide_case["keep"], rl2, slide_case["threshold"])
+    flat = overlay_png(tmp_path / "flat.png", *args, slide_id="s1")
+    mapped = overlay_png(tmp_path / "mapped.png", *args, rl2_map=maps, slide_id="s1")
+    with Image.open(flat) as a, Image.open(mapped) as b:
+        assert a.size == b.size
+        pa, pb = np.asarray(a.convert("RGB")).astype(int), np.asarray(b.convert("RGB")).astype(int)
+    half = pa.shape[1] // 2
+    left, right = pb[:, :half], pb[:, half:]
+    assert ((left[..., 1] - left[..., 0] > 60) & (left[..., 1] - left[..., 2] > 40)).sum() > 500  # kept: green
+    # per position: down the heatmap, bright (top half of a tile) and dark (bottom half) bands alternate
+    def bands(panel):
+        line = panel[60:-60, panel.shape[1] // 2].sum(axis=1)
+        return np.count_nonzero(np.diff(line > line.mean()))
+    assert bands(right) > 30 > bands(pa[:, half:])
+    with pytest.raises(ConfigError, match=r"rl2_map must have shape \(N, h, w\)"):
+        overlay_png(tmp_path / "bad.png", *args, rl2_map=maps[:3])
+
+
+def test_tile_gallery_worst_first_with_map_overlays(tmp_path):
+    coords = np.array([[0, 0], [100, 0], [200, 0], [300, 0]], np.int32)
+    rl2 = np.array([0.1, 0.9, np.nan, 0.5], np.float32)
+    maps = np.random.default_rng(0).random((4, 7, 7)).astype(np.float32)
+    read = lambda x, y: np.full((64, 64, 3), x // 100 * 60, np.uint8)  # noqa: E731 (a tile that tells its x)
+    gallery = write_tile_gallery(tmp_path / "g", read, coords, rl2, maps, n=3)
+    assert [(t["x"], t["rl2"]) for t in gallery] == [(100, pytest.approx(0.9)), (300, 0.5), (0, pytest.approx(0.1))]
+    for t in gallery:
+        with Image.open(t["image"]) as crop, Image.open(t["map"]) as heat:
+            assert crop.format == heat.format == "JPEG" and crop.size == (64, 64)
+            assert abs(np.asarray(crop).mean() - t["x"] // 100 * 60) < 2
+            assert np.abs(np.asarray(heat).astype(int) - np.asarray(crop)).mean() > 5
+    assert all(t["map"] is None for t in write_tile_gallery(tmp_path / "plain", read, coords, rl2, n=2))
+
+
 # ---------------------------------------------------------------- HTML
 
 
 class _ReportParser(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.in_tbody = False
-        self.row_slides: list[str] = []
+        self.table: str | None = None
+        self.rows: dict[str, list[str]] = {}
+        self.headers: dict[str, list[str]] = {}
         self.img_src: list[str] = []
-        self.external: list[str] = []
+        self.links: list[str] = []
         self.tags: dict[str, int] = {}
         self.text: list[str] = []
+        self._th = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self.tags[tag] = self.tags.get(tag, 0) + 1
-        if tag == "tbody":
-            self.in_tbody = True
-        if tag == "tr" and self.in_tbody:
-            self.row_slides.append(attrs["data-slide"])
-        if tag == "img":
-            self.img_src.append(attrs["src"])
-        for key in ("src", "href"):
-            if key in attrs and not attrs[key].startswith("data:"):
-                self.external.append(attrs[key])
+        if tag == "table":
+            self.table = attrs.get("id")
+        if tag == "tr" and "data-slide" in attrs:
+            self.rows.setdefault(self.table, []).append(attrs["data-slide"])
+        self._th = tag == "th"
+        if tag == "img":  # thumbnails of the summary get their src from the page's script, when in view
+            self.img_src.append(attrs.get("src") or attrs["data-src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
 
     def handle_endtag(self, tag):
-        if tag == "tbody":
-            self.in_tbody = False
+        self._th = False if tag == "th" else self._th
 
     def handle_data(self, data):
         self.text.append(data)
+        if self._th and self.table:
+            self.headers.setdefault(self.table, []).append(data)
 
 
-@pytest.fixture()
-def html_report(tmp_path, slide_case):
-    images = {}
-    for row in _rows():
-        if row["status"] != "done":
-            continue
-        slide = row["slide"]
-        images[slide] = {
-            "thumbnail": thumbnail_png(tmp_path / f"{slide}_thumb.png", slide_case["thumb"], 160),
-            "overlay": overlay_png(tmp_path / f"{slide}_overlay.png", slide_case["thumb"], THUMB_MPP, SLIDE_MPP,
-                                   slide_case["coords"], TILE, slide_case["keep"], slide_case["rl2"],
-                                   slide_case["threshold"], slide_id=slide, dpi=60),
-        }
-    roc = roc_png(tmp_path / "roc.png", [0, 0.2, 1], [0, 0.8, 1], 0.8, (0.7, 0.9), (0.2, 0.8), dpi=50)
-    return write_report_html(tmp_path / "report.html", _rows(), images, figures={"ROC": roc})
-
-
-def test_report_html_structure(html_report):
-    text = html_report.read_text(encoding="utf-8")
+def _parse(path: Path) -> _ReportParser:
     parser = _ReportParser()
-    parser.feed(text)
-    assert parser.row_slides == ["slide-2", "slide-10", "bad<slide>", "slide-1"]
-    assert len(parser.img_src) == 3 * 2 + 1  # thumbnail + overlay of each done slide, and the ROC
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def _report(tmp_path, slide_case, embed: bool, rows=None) -> Path:
+    rows = rows or _rows()
+    images = {r["slide"]: {"thumbnail": thumbnail_png(tmp_path / "thumbnails" / f"{r['slide']}.png",
+                                                      slide_case["thumb"], 160)}
+              for r in rows if r["status"] == "done"}
+    roc = roc_png(tmp_path / "roc.png", [0, 0.2, 1], [0, 0.8, 1], 0.8, (0.7, 0.9), (0.2, 0.8), dpi=50)
+    pages = {r["slide"]: tmp_path / "slides" / f"{r['slide']}.html" for r in rows}
+    return write_report_html(tmp_path / "report.html", rows, images, figures={"ROC": roc}, embed=embed,
+                             slide_pages=pages)
+
+
+def test_report_html_summary_table_and_folded_timings(tmp_path, slide_case):
+    html_report = _report(tmp_path, slide_case, embed=True)
+    text = html_report.read_text(encoding="utf-8")
+    parser = _parse(html_report)
+    assert parser.rows["slides"] == ["slide-2", "slide-10", "bad<slide>", "slide-1"]
+    assert parser.headers["slides"] == ["slide", "status", "tiles", "kept %", "rl2 median", "rl2 p95",
+                                        "flagged kinds", "error", "thumbnail"]
+    assert parser.rows["timings"] == parser.rows["slides"]
+    assert {"seconds", "n_keep", "mpp", "path"} <= set(parser.headers["timings"])
+    assert "traceback" not in parser.headers["timings"]
+    assert len(parser.img_src) == 3 + 1  # the thumbnail of each done slide, and the ROC
     assert all(src.startswith("data:image/png;base64,") for src in parser.img_src)
-    assert parser.external == []
     assert parser.tags["script"] == 1 and parser.tags["style"] == 1  # the injected <script> stayed text
     assert "<script>alert(1)</script>" not in text and "&lt;script&gt;alert(1)" in text
-    assert parser.tags["details"] == 2  # the failed slide's traceback, in the failures list and the table
+    assert parser.tags["details"] == 2  # the failed slide's traceback, and the folded timings
+    assert 'id="status-filter"' in text and 'id="kept-max"' in text
     body = " ".join(" ".join(parser.text).split())
     assert "4 slides" in body and "3 done" in body and "1 failed" in body
     assert "200 tiles" in body and "145 kept tiles" in body and "72.5 % kept" in body
     assert "SlideError: no mpp" in body
+    assert "slides/slide-2.html" in parser.links
+
+
+def test_report_html_links_images_by_relative_path(tmp_path, slide_case):
+    html_report = _report(tmp_path, slide_case, embed=False)
+    parser = _parse(html_report)
+    assert parser.img_src and not any(src.startswith("data:") for src in parser.img_src)
+    for src in parser.img_src + [link for link in parser.links if not link.startswith("#")]:
+        assert not src.startswith(("/", "http")), src
+    assert all((tmp_path / src).is_file() for src in parser.img_src)
+    assert html_report.stat().st_size < 40_000
+
+
+def test_flagged_kinds_column_is_empty_without_them(tmp_path, slide_case):
+    rows = _rows()
+    rows[0]["flagged_kinds"] = ["pen", "fold"]
+    rows[1]["flagged_kinds"] = {"blur": 3}
+    text = _report(tmp_path, slide_case, embed=False, rows=rows).read_text(encoding="utf-8")
+    assert ">pen, fold</td>" in text and ">blur (3)</td>" in text
+    plain = _report(tmp_path / "plain", slide_case, embed=False).read_text(encoding="utf-8")
+    assert "flagged kinds</th>" in plain and ">pen" not in plain
+
+
+def test_report_html_of_1000_slides_stays_small(tmp_path):
+    rows = synthetic_rows(1000)  # benchmarks/report.py times this page in Chromium
+    images = {r["slide"]: {"thumbnail": tmp_path / "thumbnails" / f"{r['slide']}.png"} for r in rows}
+    pages = {r["slide"]: tmp_path / "slides" / f"{r['slide']}.html" for r in rows}
+    path = write_report_html(tmp_path / "report.html", rows, images, slide_pages=pages)
+    size = path.stat().st_size
+    assert size < 5_000_000, f"report.html of 1000 slides is {size / 1e6:.1f} MB"
+    parser = _parse(path)
+    assert len(parser.rows["slides"]) == 1000 and parser.img_src.count("thumbnails/TCGA-0001-01Z-00-DX1.png") == 1
+
+
+def test_slide_page_links_back_and_shows_gallery(tmp_path, slide_case):
+    row = _rows()[0]
+    thumb = thumbnail_png(tmp_path / "t.png", slide_case["thumb"])
+    score, _ = score_map_png(tmp_path / "slides" / "slide-2" / "score_map.png", slide_case["thumb"], THUMB_MPP,
+                             SLIDE_MPP, slide_case["coords"], TILE, slide_case["rl2"])
+    read = lambda x, y: slide_case["thumb"][:64, :64]  # noqa: E731
+    gallery = write_tile_gallery(tmp_path / "slides" / "slide-2", read, slide_case["coords"], slide_case["rl2"], n=4)
+    page = write_slide_page(tmp_path / "slides" / "slide-2.html", row, {"overlay": thumb, "score_map": score},
+                            gallery, report=tmp_path / "report.html", score_caption="rl2 per tile")
+    parser = _parse(page)
+    assert parser.links[0] == "../report.html"
+    assert parser.img_src[:2] == ["../t.png", "slide-2/score_map.png"]
+    assert len(parser.img_src) == 2 + 4 and all((page.parent / s).is_file() for s in parser.img_src)
+    assert "Worst 4 tiles" in " ".join(parser.text)
 
 
 def _chromium() -> str | None:
@@ -297,21 +426,30 @@ def _chromium() -> str | None:
 def _headless(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=2000", *args]
+           "--disable-dev-shm-usage", "--allow-file-access-from-files", f"--user-data-dir={profile}",
+           "--virtual-time-budget=2000", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
 
 
 _CLICK_SCRIPT = """<script>
 window.addEventListener('load', function () {
   function order() {
-    return Array.prototype.map.call(document.querySelectorAll('#slides tbody tr'),
-                                    function (tr) { return tr.getAttribute('data-slide'); }).join('|');
+    var rows = document.querySelectorAll('#slides tbody tr');
+    return Array.prototype.filter.call(rows, function (tr) { return !tr.hidden; })
+      .map(function (tr) { return tr.getAttribute('data-slide'); }).join('|');
   }
-  var out = [];
-  ['kept_pct', 'kept_pct', 'slide', 'seconds'].forEach(function (col) {
-    document.querySelector('th[data-col="' + col + '"]').click();
+  var out = ['shown=' + document.getElementById('shown').textContent];
+  ['kept_pct', 'kept_pct', 'slide', 'rl2_p95'].forEach(function (col) {
+    document.querySelector('#slides th[data-col="' + col + '"]').click();
     out.push(col + '=' + order());
   });
+  var status = document.getElementById('status-filter');
+  status.value = 'failed'; status.dispatchEvent(new Event('input'));
+  out.push('failed=' + order());
+  status.value = ''; status.dispatchEvent(new Event('input'));
+  var hi = document.getElementById('kept-max');
+  hi.value = '80'; hi.dispatchEvent(new Event('input'));
+  out.push('kept<=80=' + order() + ' ' + document.getElementById('shown').textContent);
   var pre = document.createElement('pre');
   pre.id = 'result';
   pre.textContent = out.join('\\n');
@@ -321,10 +459,11 @@ window.addEventListener('load', function () {
 
 
 @pytest.mark.browser
-def test_report_html_sorts_in_headless_chromium(tmp_path, html_report):
+def test_report_html_sorts_and_filters_in_headless_chromium(tmp_path, slide_case):
     binary = _chromium()
     if binary is None:
         pytest.skip("no chromium binary on PATH (apt-get install chromium)")
+    html_report = _report(tmp_path, slide_case, embed=False)
     clicked = tmp_path / "clicked.html"
     clicked.write_text(html_report.read_text(encoding="utf-8").replace("</body>", _CLICK_SCRIPT + "</body>"),
                        encoding="utf-8")
@@ -332,13 +471,16 @@ def test_report_html_sorts_in_headless_chromium(tmp_path, html_report):
     match = re.search(r'<pre id="result">(.*?)</pre>', dom.stdout, re.S)
     assert match, f"no result in the dumped DOM (rc {dom.returncode}): {dom.stderr[-2000:]}"
     orders = match.group(1).replace("&lt;", "<").replace("&gt;", ">").splitlines()
+    assert orders[0] == "shown=4 of 4 slides shown"  # written by the page's script
     # numeric sort ascending then descending, the failed slide (no value) last in both directions
-    assert orders[0] == "kept_pct=slide-10|slide-1|slide-2|bad<slide>"
-    assert orders[1] == "kept_pct=slide-2|slide-1|slide-10|bad<slide>"
-    assert orders[2] == "slide=bad<slide>|slide-1|slide-2|slide-10"  # numeric-aware text order
-    assert orders[3] == "seconds=slide-10|slide-1|slide-2|bad<slide>"
+    assert orders[1] == "kept_pct=slide-10|slide-1|slide-2|bad<slide>"
+    assert orders[2] == "kept_pct=slide-2|slide-1|slide-10|bad<slide>"
+    assert orders[3] == "slide=bad<slide>|slide-1|slide-2|slide-10"  # numeric-aware text order
+    assert orders[4] == "rl2_p95=slide-2|slide-1|slide-10|bad<slide>"
+    assert orders[5] == "failed=bad<slide>"
+    assert orders[6] == "kept<=80=slide-1|slide-10 2 of 4 slides shown"
 
-    shot = tmp_path / "report.png"
+    shot = tmp_path / "report.png"  # kept in the test's tmp dir
     _headless(binary, tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1400,1000",
               "--hide-scrollbars", html_report.as_uri())
     with Image.open(shot) as im:

@@ -343,23 +343,51 @@ def test_result_config_leaves_out_only_what_does_not_change_results():
 
 
 _PROBE = """<script>
-window.addEventListener('load', function () {
+window.addEventListener('load', function () { setTimeout(function () {  // thumbnails load once in view
   function order() {
     return Array.prototype.map.call(document.querySelectorAll('#slides tbody tr'),
                                     function (tr) { return tr.getAttribute('data-slide'); }).join('|');
   }
   var out = {images: [], failedRows: document.querySelectorAll('#slides tbody tr.failed').length,
-             failedText: (document.querySelector('ul.failures') || {}).textContent || ''};
+             failedText: (document.querySelector('ul.failures') || {}).textContent || '',
+             shown: document.getElementById('shown').textContent};
   document.querySelectorAll('#slides img').forEach(function (img) {
-    out.images.push([img.closest('tr').getAttribute('data-slide'), img.naturalWidth, img.src.slice(0, 22)]);
+    out.images.push([img.closest('tr').getAttribute('data-slide'), img.naturalWidth, img.getAttribute('src')]);
   });
   var th = document.querySelector('th[data-col="rl2_median"]');
   th.click(); out.asc = order(); th.click(); out.desc = order();
   document.querySelector('th[data-col="slide"]').click(); out.bySlide = order();
   var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
+}, 300); });
+</script>"""
+
+_SLIDE_PROBE = """<script>
+window.addEventListener('load', function () {
+  var out = Array.prototype.map.call(document.querySelectorAll('img'), function (img) {
+    return [img.className, img.naturalWidth, img.getAttribute('src')];
+  });
+  var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
 });
 </script>"""
+
+
+def _probe(binary: str, page: Path, script: str, profile: Path):
+    """Open a copy of `page` beside it, with `script` added, in headless Chromium; the JSON it leaves."""
+    probe = page.with_name(f"probe-{page.name}")
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+           "--disable-background-networking", "--allow-file-access-from-files", "--window-size=1400,2000",
+           f"--user-data-dir={profile}",
+           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    try:
+        dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+    finally:
+        probe.unlink()
+    match = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
+    assert match, f"no probe result in the DOM (rc {dom.returncode}): {dom.stderr[-1500:]}"
+    return json.loads(match.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
 
 
 @pytest.mark.browser
@@ -368,28 +396,55 @@ def test_report_html_in_headless_chromium(faulty_run, tmp_path):
     if binary is None:
         pytest.skip("no chromium binary on PATH (apt-get install chromium)")
     html = faulty_run["files"]["html"].read_text(encoding="utf-8")
-    assert "http://" not in html and "https://" not in html and 'src="data:image/png;base64,' in html
-    page = tmp_path / "probe.html"  # a copy elsewhere: the page must not need files beside it
-    page.write_text(html.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
-    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-           "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
-           "--virtual-time-budget=3000", "--dump-dom", page.as_uri()]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
-    match = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
-    assert match, f"no probe result in the DOM (rc {dom.returncode}): {dom.stderr[-1500:]}"
-    probe = json.loads(match.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+    assert "http://" not in html and "https://" not in html and "data:image" not in html  # linked, no CDN
+    probe = _probe(binary, faulty_run["files"]["html"], _PROBE, tmp_path / "profile")
 
     images = {}
     for slide, width, src in probe["images"]:
-        assert src.startswith("data:image/png;base64") and width > 0  # embedded and decoded by the browser
+        assert src == f"thumbnails/{slide}.png" and width > 0  # linked beside the page and decoded by the browser
         images[slide] = images.get(slide, 0) + 1
-    assert images == {"good-1": 2, "good-2": 2}  # thumbnail and overlay of each done slide
+    assert images == {"good-1": 1, "good-2": 1}
+    assert probe["shown"] == "5 of 5 slides shown"
     assert probe["failedRows"] == 3 and "no mpp" in probe["failedText"] and "empty" in probe["failedText"]
     rows = {r["slide"]: r for r in faulty_run["rows"]}
     done = sorted(("good-1", "good-2"), key=lambda s: rows[s]["rl2_median"])
     assert probe["asc"].split("|")[:2] == done and probe["desc"].split("|")[:2] == done[::-1]
     assert set(probe["asc"].split("|")[2:]) == {"broken", "empty", "nompp"}  # no value: last either way
     assert probe["bySlide"] == "broken|empty|good-1|good-2|nompp"
+
+    slide = _probe(binary, faulty_run["report_dir"] / "slides" / "good-1.html", _SLIDE_PROBE, tmp_path / "profile2")
+    kinds = [css for css, width, _ in slide if width > 0]
+    assert kinds.count("figure") == 2 and kinds.count("tile") == 12  # overlay, score map, 12 worst-tile crops
+    assert all(width > 0 for _, width, _ in slide)
+
+
+def test_slide_pages_show_the_stores_rl2_map_when_it_has_one(faulty_run, tmp_path):
+    """The default (local) scorer stores an rl2_map: the slide pages show per-position scores. A store written
+    before rl2_map existed (here: a copy with the arrays removed) still gives its report, with per-tile maps."""
+    assert read_slide(open_store(faulty_run["out"]), "good-2")["rl2_map"].shape[1:] == (14, 14)
+    files = write_run_report(faulty_run["rows"], faulty_run["out"], tmp_path / "report")
+    page = (tmp_path / "report" / "slides" / "good-2.html").read_text(encoding="utf-8")
+    assert "rl2 per position" in page and "_map.jpg" in page and "hover a tile" in page
+    assert len(list((tmp_path / "report" / "slides" / "good-2").glob("*_map.jpg"))) == 12
+    assert files["html"] == tmp_path / "report" / "report.html"
+    old = tmp_path / "old.zarr"
+    shutil.copytree(faulty_run["out"], old)
+    for sid in list_slides(open_store(old)):
+        shutil.rmtree(old / sid / "rl2_map")
+    zarr.consolidate_metadata(str(old), zarr_format=3)
+    write_run_report(faulty_run["rows"], old, tmp_path / "old-report")
+    plain = (tmp_path / "old-report" / "slides" / "good-2.html").read_text(encoding="utf-8")
+    assert "rl2 per tile" in plain and "_map.jpg" not in plain
+
+
+def test_embedded_report_is_one_file(faulty_run, tmp_path):
+    for kind in ("thumbnails", "overlays"):  # what the run wrote
+        shutil.copytree(faulty_run["report_dir"] / kind, tmp_path / "report" / kind)
+    files = write_run_report(faulty_run["rows"], faulty_run["out"], tmp_path / "report", embed=True)
+    html = files["html"].read_text(encoding="utf-8")
+    assert 'src="thumbnails/' not in html and html.count('src="data:image/') >= 2 + 2 * (2 + 12)
+    assert 'href="#slide-good-1"' in html and 'id="slide-good-1"' in html
+    assert not (tmp_path / "report" / "slides" / "good-1.html").exists()
 
 
 # ---------------------------------------------------------------- concurrent writers

@@ -1,4 +1,5 @@
-"""The encoder catalogue: configs/encoders/*.yaml, one known encoder per file, and where its weights are."""
+"""The encoder catalogue: wsi_qc/configs/encoders/*.yaml (package data), one known encoder per file, and where
+its weights are."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from typing import Any
 
 import yaml
 
+from wsi_qc.config import load_config, package_file
 from wsi_qc.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CATALOGUE_DIR = Path(__file__).resolve().parents[1] / "configs" / "encoders"
+CATALOGUE_DIR = package_file("configs", "encoders")
 
 FAMILIES = ("cnn", "vit", "hybrid")
 PRETRAININGS = ("imagenet-1k", "imagenet-22k", "lvd-142m", "histopathology")
@@ -73,11 +75,11 @@ def _check_entry(entry: Any, path: Path) -> dict:
 
 
 def load_catalogue(directory: str | Path | None = None) -> dict[str, dict]:
-    """Catalogue name -> validated entry, from every *.yaml in configs/encoders (or `directory`)."""
+    """Catalogue name -> validated entry, from every *.yaml in wsi_qc/configs/encoders (or `directory`)."""
     directory = CATALOGUE_DIR if directory is None else Path(directory)
     files = sorted(directory.glob("*.yaml"))
     if not files:
-        raise ConfigError(f"no encoder catalogue files (*.yaml) in {directory}; restore configs/encoders")
+        raise ConfigError(f"no encoder catalogue files (*.yaml) in {directory}; reinstall wsi-qc or pass a directory")
     catalogue = {}
     for path in files:
         try:
@@ -179,8 +181,6 @@ def weights_available(entry: dict) -> tuple[bool, str]:
 
 
 def _default_encoder_section() -> dict:
-    from wsi_qc.config import load_config
-
     return load_config()["encoder"]
 
 

@@ -123,28 +123,38 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from wsi_qc.run import collect_slides, export_tiles, run_slides, write_run_report
+    from wsi_qc.api import qc_folder, report_folder
+    from wsi_qc.run import export_tiles
     from wsi_qc.store import locked
 
     config = _config(args)
-    out = Path(args.out)
-    report_dir = Path(args.report or out.with_name(out.name.removesuffix(".zarr") + "-report"))
-    paths = collect_slides(args.inputs, config["run"]["pattern"])
-    if not paths:
-        raise WSIQCError(f"no slides found in {', '.join(args.inputs)} (pattern {config['run']['pattern']}); "
-                         f"pass slide files, a folder or a CSV manifest")
-    with locked(out, wait=config["run"]["lock_wait"]):  # one run per store, its report and export included
-        rows = run_slides(paths, args.scorer, args.calibration, config, out, report_dir, force=args.force)
-        write_run_report(rows, out, report_dir)
-        if args.export_tiles:
+    rows = qc_folder(args.inputs, args.scorer, args.calibration, args.out, config, report=args.report,
+                     force=args.force, embed=args.embed)
+    out, report_dir = Path(args.out), report_folder(args.out, args.report)
+    if args.export_tiles:
+        with locked(out, wait=config["run"]["lock_wait"]):
             counts = export_tiles(out, args.export_tiles, [r["slide"] for r in rows if r["status"] != "failed"])
-            print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
+        print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
     failed = [r for r in rows if r["status"] == "failed"]
     for r in rows:
         print(f"{r['status']:>8}  {r['slide']}: {r['n_tiles']} tiles, kept {r['kept_pct']} %"
               + (f"  ({r['error']})" if r["error"] else ""))
     print(f"{len(rows) - len(failed)} of {len(rows)} slides done; store {out}; report {report_dir / 'report.html'}")
     return 1 if failed else 0
+
+
+def cmd_make_calibration_set(args) -> int:
+    from wsi_qc.calibration_set import make_calibration_set
+
+    summary = make_calibration_set(args.out, args.config, args.slides, n_clean=args.n_clean, seed=args.seed,
+                                   overwrite=args.overwrite)
+    c = summary["counts"]
+    print(f"{c['source_tiles']} source tiles -> {c['reference']} reference, {c['calibration_good']} good and "
+          f"{c['calibration_bad']} artifact calibration tiles in {Path(args.out) / 'labels.csv'}")
+    if summary["failed"]:
+        print(f"{len(summary['failed'])} slide(s) failed: {', '.join(Path(p).name for p in summary['failed'])}")
+        return 1
+    return 0
 
 
 def cmd_encoders(args) -> int:
@@ -161,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, mpp=True):
-        p.add_argument("--config", help="YAML file overriding configs/default.yaml")
+        p.add_argument("--config", help="YAML file overriding the defaults (wsi_qc/configs/default.yaml)")
         if mpp:
             p.add_argument("--mpp", type=float, help="level-0 mpp of the slides, overriding their metadata")
         return p
@@ -219,19 +229,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="comma-separated globs for folders (run.pattern)")
     p.add_argument("--save-features", action="store_true", help="also store the features of every tile")
     p.add_argument("--force", action="store_true", help="redo slides already done")
+    p.add_argument("--embed", action="store_true", help="one self-contained report.html (images embedded, slide "
+                   "pages as sections; for a handful of slides) instead of report.html + slides/<slide>.html")
     p.add_argument("--export-tiles", metavar="DIR", help="also write the kept tiles as PNGs (read at the tile mpp), "
                    "one folder per slide, for dataset building")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("make-calibration-set", help="a labelled calibration set: clean tiles of good slides "
+                       "and synthetic artifact versions of them (reference/, calibration/, labels.csv)")
+    p.add_argument("--config", help="YAML with a calibration_set section and wsi-qc keys such as tiles.size, "
+                   "overriding wsi_qc/configs/calibration_set.yaml")
+    p.add_argument("--slides", nargs="+", help="slide files or folders (default: ../shared/data/slides beside a "
+                   "checkout, else generated example slides)")
+    p.add_argument("--out", required=True, help="folder for reference/, calibration/, labels.csv and summary.json")
+    p.add_argument("--n-clean", type=int, help="clean source tiles drawn (calibration_set.n_clean)")
+    p.add_argument("--seed", type=int, help="seed of the draw, split and artifacts (calibration_set.seed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
+    p.set_defaults(func=cmd_make_calibration_set)
 
     p = sub.add_parser("encoders", help="list the encoder catalogue and which weights are available here")
     p.set_defaults(func=cmd_encoders)
     return parser
 
 
+def _expected_chatter(record: logging.LogRecord) -> bool:
+    """False for timm's "Unexpected keys (conv_head.weight, ...)" warning: wsi-qc builds headless and
+    features-only encoders on purpose, so the head's keys of the weights are left over by design."""
+    return not (record.name.startswith("timm") and record.getMessage().startswith("Unexpected keys"))
+
+
+def configure_logging(verbose: int) -> None:
+    """WARNING and above (third-party loading chatter left out) by default; -v INFO, -vv DEBUG, everything."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(_expected_chatter)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)], handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except SlideError as exc:

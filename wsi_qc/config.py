@@ -1,10 +1,11 @@
-"""Configuration: configs/default.yaml overlaid with user YAML files and explicit overrides."""
+"""Configuration: the package's configs/default.yaml overlaid with user YAML files and explicit overrides."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,13 @@ import yaml
 from wsi_qc import schema
 from wsi_qc.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+def package_file(*parts: str) -> Path:
+    """Path of a data file shipped inside the wsi_qc package, e.g. package_file("configs", "default.yaml")."""
+    return Path(str(resources.files("wsi_qc").joinpath(*parts)))
+
+
+DEFAULT_CONFIG = package_file("configs", "default.yaml")
 
 
 def _read_yaml(path: Path) -> dict:

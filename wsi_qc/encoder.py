@@ -18,6 +18,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from wsi_qc.catalogue import HUB_PREFIXES
 from wsi_qc.config import resolve_device
 from wsi_qc.errors import ConfigError
 from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics
@@ -31,8 +32,8 @@ PRECISIONS = ("fp32", "bf16")
 
 def check_model_name(name: str) -> None:
     """Raise ConfigError with close matches when `name` is not a timm model."""
-    if timm.is_model(name):
-        return
+    if timm.is_model(name) or (name.startswith(HUB_PREFIXES) and name.split(":", 1)[1]):
+        return  # a hub repo (hf-hub:org/name) is only known once fetched
     base = name.split(".")[0]
     names = timm.list_models()
     close = timm.list_models(f"*{base}*")[:5] + difflib.get_close_matches(base, names, n=5, cutoff=0.6)
@@ -138,7 +139,7 @@ class Encoder:
         """Create the headless timm model with its weights; return it and the weights' identity."""
         kwargs = {"num_classes": 0, **resolve_model_kwargs(self.model_kwargs)}
         if self.weights == "hub":
-            try:
+            try:  # hf-hub: names fetch their config here too
                 model = timm.create_model(self.name, pretrained=True, **kwargs)
             except Exception as err:  # network / hub client errors come in many types
                 raise ConfigError(

@@ -160,18 +160,20 @@ class Flow:
             raise ConfigError(f"flow.n_blocks={self.n_blocks}, hidden={self.hidden}, epochs={self.epochs} and "
                               f"batch_size={self.batch_size} must all be >= 1")
 
-    def _check_reference(self, features, groups) -> tuple[np.ndarray, np.ndarray]:
+    def _check_reference(self, features, groups, tiles) -> tuple[np.ndarray, np.ndarray]:
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2:
             raise ConfigError(f"reference features must be a 2-d array (tiles, dims), got shape {features.shape}")
         n, d = features.shape
-        groups = np.arange(n) if groups is None else np.asarray(groups)
-        if groups.shape != (n,):
-            raise ConfigError(f"groups must give one group per feature row ({n}), got shape {groups.shape}")
+        tiles = np.arange(n) if tiles is None else np.asarray(tiles)
+        groups = tiles if groups is None else np.asarray(groups)
+        if groups.shape != (n,) or tiles.shape != (n,):
+            raise ConfigError(f"groups and tiles must give one value per feature row ({n}), got shapes "
+                              f"{groups.shape} and {tiles.shape}")
         if n == 0:
             raise ConfigError("the reference holds no tiles (0 feature rows); point fit-reference at slides or "
                               "tile folders with good tissue")
-        n = len(np.unique(groups))
+        n = len(np.unique(tiles))
         if n < self.min_reference:
             raise ConfigError(f"got {n} reference tiles; the flow needs at least {self.min_reference}, "
                               f"add reference tiles or lower flow.min_reference")
@@ -210,14 +212,15 @@ class Flow:
         std = np.maximum(std, max(std[0], 1e-12) * 1e-4)
         return comps.astype(np.float32), std.astype(np.float32)
 
-    def fit(self, features, groups=None) -> Flow:
+    def fit(self, features, groups=None, tiles=None) -> Flow:
         """Fit standardisation, PCA and the flow on reference features (N, D); returns self.
 
-        `groups` (N,) keeps rows of one group (the positions of one tile) together on one side of the
-        validation split; `val_rows_` are the held-out row indices.
+        `tiles` (N,) names the tile of each row (the positions of a tile; default: one row per tile), which
+        `min_reference` counts; `groups` (N,) keeps the rows of a group (a tile, a slide; default: the tile)
+        together on one side of the validation split; `val_rows_` are the held-out row indices.
         """
         self._check_params()
-        features, groups = self._check_reference(features, groups)
+        features, groups = self._check_reference(features, groups, tiles)
         n, d = features.shape
         rng = np.random.default_rng(self.seed)
         names = np.unique(groups)

@@ -13,13 +13,12 @@ import ctypes
 import json
 import logging
 import multiprocessing
-import os
 import resource
 import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from functools import lru_cache
@@ -32,8 +31,7 @@ from tqdm.auto import tqdm
 from wsi_qc import __version__
 from wsi_qc.config import fingerprint, load_config
 from wsi_qc.errors import ConfigError, SlideError
-from wsi_qc.report import (overlay_png, thumbnail_png, write_geojson, write_manifest, write_report_csv,
-                           write_report_html)
+from wsi_qc.report import overlay_png, thumbnail_png, write_geojson, write_run_report  # noqa: F401 (re-exported)
 from wsi_qc.scorer import Scorer, slide_features
 from wsi_qc.slide import Slide
 from wsi_qc.store import consolidate, locked, open_store, read_slide, slide_done, slide_key, tidy, write_slide
@@ -317,27 +315,6 @@ def _run_all(paths: list[Path], args: tuple[str, str], config: dict, out, report
             bar.update()
     bar.close()
     return rows
-
-
-def write_run_report(rows: list[dict], out: str | Path, report_dir: str | Path) -> dict[str, Path]:
-    """report.csv, report.html (thumbnails and overlays embedded) and the manifest of kept tiles."""
-    report_dir = Path(report_dir)
-    root = open_store(out)
-    images, records = {}, []
-    for row in rows:
-        if row["status"] == "failed":
-            continue
-        slide_id = row["slide"]
-        images[slide_id] = {kind: report_dir / kind / f"{slide_id}.png" for kind in ("thumbnails", "overlays")
-                            if (report_dir / kind / f"{slide_id}.png").is_file()}
-        found = read_slide(root, slide_id)
-        records.append({"slide": slide_id, "path": row["path"], "coords": found["coords"], "keep": found["keep"],
-                        "rl2": found["rl2"], "mpp": found["attrs"]["tile_mpp"], "size": found["attrs"]["tile_size"]})
-    images = {k: {"thumbnail": v.get("thumbnails"), "overlay": v.get("overlays")} for k, v in images.items()}
-    csv_path = write_report_csv(report_dir / "report.csv", rows)
-    html_path = write_report_html(report_dir / "report.html", rows, images, title=f"wsi-qc report: {Path(out).name}")
-    manifest_csv, manifest_parquet = write_manifest(report_dir / "manifest", records)
-    return {"csv": csv_path, "html": html_path, "manifest_csv": manifest_csv, "manifest_parquet": manifest_parquet}
 
 
 def export_tiles(out: str | Path, export_dir: str | Path, slides: Iterable[str] | None = None) -> dict[str, int]:

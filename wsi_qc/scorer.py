@@ -149,20 +149,33 @@ def slide_features(slide: Slide, encoder: Encoder, config: dict) -> SlideFeature
     return SlideFeatures(thumbnail, thumbnail_mpp, tissue, tiles, features, timings)
 
 
+def _slides_in(folder: Path, pattern: str) -> list[Path]:
+    """Slide files of a folder (run.pattern globs, recursive) when it holds no PNG/JPEG/BMP tiles, else []."""
+    if any(p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") for p in folder.rglob("*")):
+        return []
+    return sorted({p for g in pattern.split(",") if g.strip() for p in folder.rglob(g.strip()) if p.is_file()})
+
+
 def reference_features(inputs: Iterable[str | Path], encoder: Encoder, config: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(features, group of each tile) of slides (files) and tile folders (directories); the group is its input."""
-    parts, groups = [], []
-    for i, item in enumerate(map(Path, inputs)):
-        if item.is_dir():
-            features = folder_features(item, encoder, config)[1]
-        else:
-            with Slide.from_config(item, config) as slide:
-                features = slide_features(slide, encoder, config).features
-        parts.append(features)
-        groups.append(np.full(len(features), i))
-    if not parts:
+    """(features, group of each tile) of slides and folders; the group is the slide or tile folder.
+
+    A folder holding PNG/JPEG/BMP files is a folder of tiles; one holding only slide files (run.pattern) is
+    a folder of slides.
+    """
+    sources: list[tuple[str, Path]] = []
+    for item in map(Path, inputs):
+        slides = _slides_in(item, config["run"]["pattern"]) if item.is_dir() else [item]
+        sources += [("slide", p) for p in slides] if slides else [("tiles", item)]
+    if not sources:
         raise ConfigError("no reference inputs given; pass slides or folders of known-good tiles")
-    return np.concatenate(parts), np.concatenate(groups)
+    parts = []
+    for kind, path in sources:
+        if kind == "tiles":
+            parts.append(folder_features(path, encoder, config)[1])
+            continue
+        with Slide.from_config(path, config) as slide:
+            parts.append(slide_features(slide, encoder, config).features)
+    return np.concatenate(parts), np.concatenate([np.full(len(p), i) for i, p in enumerate(parts)])
 
 
 def folder_features(folder: str | Path, encoder: Encoder, config: dict) -> tuple[list[Path], np.ndarray]:
@@ -223,7 +236,8 @@ class Scorer:
             tile_groups = np.unique(np.asarray(groups), return_inverse=True)[1]
         per_tile = int(np.prod(features.shape[1:-1])) if features.ndim == 4 else 1
         rows = features.reshape(-1, features.shape[-1])
-        flow = flow_from_config(config).fit(rows, np.repeat(tile_groups, per_tile))
+        flow = flow_from_config(config).fit(rows, groups=np.repeat(tile_groups, per_tile),
+                                            tiles=np.repeat(np.arange(n), per_tile))
         scorer = cls(encoder, flow, config)
         held = np.unique(flow.val_rows_ // per_tile)
         scorer.heldout_ = scorer.score_maps_all(features[held]) if len(held) else {}
@@ -278,6 +292,16 @@ class Scorer:
     def score(self, features: np.ndarray) -> np.ndarray:
         """The configured tile score (score.kind, aggregated with score.aggregate for a local scorer)."""
         return self.score_tiles(features)[0]
+
+    def score_slide(self, path: str | Path):
+        """One row per tile of a slide (pandas DataFrame): slide, x, y (level-0 top-left), rl2, nll."""
+        import pandas as pd
+
+        with Slide.from_config(path, self.config) as slide:
+            found = slide_features(slide, self.encoder, self.config)
+        scores = self.scores(found.features)
+        return pd.DataFrame({"slide": slide.id, "x": found.tiles.coords[:, 0], "y": found.tiles.coords[:, 1],
+                             "rl2": scores["rl2"], "nll": scores["nll"]})
 
     def heldout_scores(self) -> np.ndarray:
         """Tile scores of the reference tiles held out of fitting (for the label-free threshold)."""
