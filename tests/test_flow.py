@@ -191,8 +191,7 @@ def test_save_load_roundtrip(tmp_path, sets, fitted):
     assert (written["feature_dim"], written["latent_dim"]) == (1280, 120)
     assert written["flow"]["n_blocks"] == 3 and written["flow"]["pca_dim"] is None
 
-    flow, loaded_meta = Flow.load(tmp_path / "scorer", expect={"encoder.name": "tf_efficientnet_lite0",
-                                                               "tiles.mpp": 0.5, "latent_dim": 120})
+    flow, loaded_meta = Flow.load(tmp_path / "scorer")
     assert loaded_meta == written
     np.testing.assert_array_equal(flow.transform(ref), fitted.transform(ref))
     np.testing.assert_array_equal(flow.nll(ref), fitted.nll(ref))
@@ -206,11 +205,6 @@ def test_save_load_roundtrip(tmp_path, sets, fitted):
 def test_load_refusals(tmp_path, fitted):
     path = tmp_path / "scorer"
     fitted.save(path, {"encoder": {"name": "tf_efficientnet_lite0"}})
-    with pytest.raises(ConfigError, match="scorer .* was fitted with encoder.name=tf_efficientnet_lite0 but the "
-                                          "config asks for resnet18; refit or use the matching config"):
-        Flow.load(path, expect={"encoder.name": "resnet18"})
-    with pytest.raises(ConfigError, match="tiles.mpp=<missing>"):
-        Flow.load(path, expect={"tiles.mpp": 0.5})
     with pytest.raises(ConfigError, match=f"{tmp_path / 'nowhere'} does not exist"):
         Flow.load(tmp_path / "nowhere")
 

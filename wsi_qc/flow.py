@@ -17,11 +17,9 @@ reference; the rest (``val_fraction``) picks the best epoch and stops training a
 without improvement. The standardisation, PCA and ``mu_`` (the mean latent of the training part) are
 computed on the training part only, so the validation loss is an honest held-out number.
 
-PCA rule (``pca_dim``): a flow fitted on a few hundred tiles of 512-2048-d features learns the tiles,
-not the tissue, and scores held-out good tissue as far as artifacts. So ``pca_dim=None`` picks
-``min(D, N_train // 2)`` components (N_train = reference tiles left for training): no PCA once there are
-at least two training tiles per feature dimension; an int keeps that many components (at most
-``N_train - 1``, the rank of the centred reference); an int >= D keeps all features without PCA.
+PCA rule (``pca_dim``): ``None`` picks ``min(D, N_train // 2)`` components (N_train = training vectors), so a
+pooled flow on a few hundred tiles of 512-2048-d features is PCA-reduced (else it learns the tiles, not the
+tissue) and a local flow (196 vectors per tile) is not; an int keeps that many (at most ``N_train - 1``).
 
 ``nll`` is the negative log-likelihood per latent dimension of the flow input u,
 ``0.5 ||z||^2 / D' + 0.5 log(2 pi) - log|det J| / D'``; the affine standardisation/PCA step adds the same
@@ -105,22 +103,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _meta_value(meta: dict, key: str):
-    """meta[key], or the nested value of a dotted key ("encoder.name" -> meta["encoder"]["name"])."""
-    if key in meta:
-        return meta[key]
-    value = meta
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return "<missing>"
-        value = value[part]
-    return value
-
-
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 class Flow:
@@ -379,8 +361,8 @@ class Flow:
         return path_dir
 
     @classmethod
-    def load(cls, path_dir, expect: dict | None = None, device: str = "cpu") -> tuple[Flow, dict]:
-        """(flow, meta) from a directory written by save(); `expect` keys that disagree with meta are refused."""
+    def load(cls, path_dir, device: str = "cpu") -> tuple[Flow, dict]:
+        """(flow, meta) from a directory written by save() (the Scorer checks what the meta binds)."""
         path_dir = Path(path_dir)
         if not path_dir.is_dir():
             raise ConfigError(f"scorer directory {path_dir} does not exist; pass the directory written by "
@@ -404,12 +386,6 @@ class Flow:
             raise ConfigError(f"{path_dir / WEIGHTS_FILE} has sha256 {fingerprint} but {META_FILE} records "
                               f"{meta.get('fingerprint')}; the files were changed or mixed, refit with "
                               f"wsi-qc fit-reference")
-        for key, want in (expect or {}).items():
-            got = _meta_value(meta, key)
-            if _jsonable(got) != _jsonable(want):
-                raise ConfigError(f"scorer {path_dir} was fitted with {key}={got} but the config asks for {want}; "
-                                  f"refit or use the matching config")
-
         flow = cls(**meta["flow"], device=device)
         tensors = load_file(str(path_dir / WEIGHTS_FILE))
         flow.feature_dim_, flow.latent_dim_ = meta["feature_dim"], meta["latent_dim"]
