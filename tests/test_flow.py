@@ -185,7 +185,8 @@ def test_save_load_roundtrip(tmp_path, sets, fitted):
     fitted.save(tmp_path / "scorer", meta)
     weights, meta_file = tmp_path / "scorer" / "flow.safetensors", tmp_path / "scorer" / "meta.json"
     written = json.loads(meta_file.read_text())
-    assert written["fingerprint"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    body = json.dumps({k: v for k, v in written.items() if k != "fingerprint"}, sort_keys=True).encode()
+    assert written["fingerprint"] == hashlib.sha256(weights.read_bytes() + body).hexdigest()  # weights + meta
     assert written["encoder"] == meta["encoder"] and written["wsi_qc_version"] == __version__
     assert written["format_version"] == FORMAT_VERSION
     assert (written["feature_dim"], written["latent_dim"]) == (1280, 120)
@@ -218,7 +219,7 @@ def test_load_refusals(tmp_path, fitted):
     data = bytearray((path / "flow.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (path / "flow.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match="flow.safetensors has sha256 .* but meta.json records"):
+    with pytest.raises(ConfigError, match="flow.safetensors or meta.json was changed or mixed"):
         Flow.load(path)
     (path / "flow.safetensors").unlink()
     with pytest.raises(ConfigError, match="flow.safetensors is missing"):

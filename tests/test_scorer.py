@@ -224,3 +224,39 @@ def test_local_scores_are_highest_where_a_patch_was_pasted(local_scorer):
     outside = maps[:, 4:, 4:].mean((1, 2))
     assert (inside > outside).all()
     assert (inside > clean_maps[:, :3, :3].mean((1, 2))).all()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(latent_dim=7),                       # a wrong latent dimension
+    lambda m: m.update(surprise=1),                         # an unknown key
+    lambda m: m.pop("feature_dim"),                         # a missing key
+    lambda m: m["scorer"].update(config=["not", "a", "dict"]),  # a list for an object
+])
+def test_malformed_meta_is_refused_naming_the_fix(setup, tmp_path, edit, capsys):
+    import shutil
+
+    root, _ = setup
+    shutil.copytree(root / "scorer", tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    edit(meta)
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="refit"):
+        Scorer.load(tmp_path / "s")
+    code = cli.main(["score", str(root / "good"), "--scorer", str(tmp_path / "s"), "--out", str(tmp_path / "x.csv")])
+    assert code == 2 and str(tmp_path / "s") in capsys.readouterr().err
+
+
+def test_foreign_weights_or_a_list_meta_are_refused(setup, tmp_path):
+    import shutil
+
+    root, _ = setup
+    shutil.copytree(root / "scorer", tmp_path / "s")
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "s" / "flow.safetensors"))
+    with pytest.raises(ConfigError, match="changed or mixed"):
+        Scorer.load(tmp_path / "s")
+    (tmp_path / "s" / "meta.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="holds a list"):
+        Scorer.load(tmp_path / "s")

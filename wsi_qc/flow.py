@@ -97,11 +97,13 @@ def _check_finite(features: np.ndarray, what: str) -> None:
                           f"drop those rows (features[np.isfinite(features).all(1)]) or fix their tiles")
 
 
-def _sha256(path: Path) -> str:
+def _fingerprint(weights: Path, meta: dict) -> str:
+    """sha256 of the weights file and of the meta (without its fingerprint): any change to either shows."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "fingerprint"}, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -356,13 +358,15 @@ class Flow:
         out = dict(meta)
         out.update({"format_version": FORMAT_VERSION, "wsi_qc_version": __version__, "flow": self.params(),
                     "feature_dim": self.feature_dim_, "latent_dim": self.latent_dim_,
-                    "history": self.history_, "fingerprint": _sha256(weights)})
+                    "history": self.history_})
+        out["fingerprint"] = _fingerprint(weights, out)
         (path_dir / META_FILE).write_text(json.dumps(out, indent=2, sort_keys=True))
         return path_dir
 
     @classmethod
-    def load(cls, path_dir, device: str = "cpu") -> tuple[Flow, dict]:
-        """(flow, meta) from a directory written by save() (the Scorer checks what the meta binds)."""
+    def load(cls, path_dir, device: str = "cpu", check_meta=None) -> tuple[Flow, dict]:
+        """(flow, meta) from a directory written by save(); `check_meta(meta)` runs before the fingerprint check
+        (the Scorer refuses other scorer formats there, and checks what the meta binds)."""
         path_dir = Path(path_dir)
         if not path_dir.is_dir():
             raise ConfigError(f"scorer directory {path_dir} does not exist; pass the directory written by "
@@ -376,25 +380,34 @@ class Flow:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path_dir / META_FILE} is not valid JSON ({exc}); refit with wsi-qc "
                               f"fit-reference") from exc
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{path_dir / META_FILE} holds a {type(meta).__name__}, not a scorer's meta; refit "
+                              f"with wsi-qc fit-reference")
         have = meta.get("format_version")
         if have != FORMAT_VERSION:
             raise ConfigError(f"{path_dir / META_FILE} has flow format {have} (written by wsi-qc "
                               f"{meta.get('wsi_qc_version', 'unknown')}) but wsi-qc {__version__} reads format "
                               f"{FORMAT_VERSION}; refit with wsi-qc fit-reference")
-        fingerprint = _sha256(path_dir / WEIGHTS_FILE)
+        if check_meta is not None:
+            check_meta(meta)
+        fingerprint = _fingerprint(path_dir / WEIGHTS_FILE, meta)
         if fingerprint != meta.get("fingerprint"):
-            raise ConfigError(f"{path_dir / WEIGHTS_FILE} has sha256 {fingerprint} but {META_FILE} records "
-                              f"{meta.get('fingerprint')}; the files were changed or mixed, refit with "
-                              f"wsi-qc fit-reference")
-        flow = cls(**meta["flow"], device=device)
-        tensors = load_file(str(path_dir / WEIGHTS_FILE))
-        flow.feature_dim_, flow.latent_dim_ = meta["feature_dim"], meta["latent_dim"]
-        flow.mean_, flow.scale_, flow.mu_ = (tensors[k].numpy() for k in ("mean", "scale", "mu"))
-        flow.pca_ = tensors["pca"].numpy() if "pca" in tensors else None
-        flow.pca_std_ = tensors["pca_std"].numpy() if "pca_std" in tensors else None
-        with torch.random.fork_rng(devices=[]):  # subnet init draws are overwritten by the saved weights
-            inn = _build_inn(flow.latent_dim_, flow.n_blocks, flow.hidden, flow.clamp, None)
-        inn.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("inn.")})
+            raise ConfigError(f"{path_dir} has fingerprint {fingerprint} but {META_FILE} records "
+                              f"{meta.get('fingerprint')}: {WEIGHTS_FILE} or {META_FILE} was changed or mixed with "
+                              f"another scorer's; refit with wsi-qc fit-reference")
+        try:  # a well-formed pair of files from save(); anything else is named, not a traceback
+            flow = cls(**meta["flow"], device=device)
+            tensors = load_file(str(path_dir / WEIGHTS_FILE))
+            flow.feature_dim_, flow.latent_dim_ = int(meta["feature_dim"]), int(meta["latent_dim"])
+            flow.mean_, flow.scale_, flow.mu_ = (tensors[k].numpy() for k in ("mean", "scale", "mu"))
+            flow.pca_ = tensors["pca"].numpy() if "pca" in tensors else None
+            flow.pca_std_ = tensors["pca_std"].numpy() if "pca_std" in tensors else None
+            with torch.random.fork_rng(devices=[]):  # subnet init draws are overwritten by the saved weights
+                inn = _build_inn(flow.latent_dim_, flow.n_blocks, flow.hidden, flow.clamp, None)
+            inn.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("inn.")})
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"{path_dir} is not a well-formed scorer ({type(exc).__name__}: {str(exc)[:200]}); "
+                              f"refit with wsi-qc fit-reference") from exc
         flow.inn_ = inn.to(resolve_device(device, "flow")).eval()
         flow.history_ = meta.get("history", {})
         return flow, meta

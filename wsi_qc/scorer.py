@@ -190,7 +190,7 @@ def _merge_config(saved: dict, config: dict, defaults: dict, path: Path) -> dict
     run-time keys; `config` values equal to the defaults count as unset. A changed bound key is refused."""
     merged = {**config}
     for section in SCORER_SECTIONS:
-        merged[section] = dict(saved[section])
+        merged[section] = {**config[section], **saved[section]}  # keys newer than the scorer: the config's
         for key, want in config[section].items():
             if _plain(want) == _plain(defaults[section].get(key)) or _plain(want) == _plain(saved[section].get(key)):
                 continue
@@ -200,6 +200,20 @@ def _merge_config(saved: dict, config: dict, defaults: dict, path: Path) -> dict
                                   f"its own) or refit with wsi-qc fit-reference")
             merged[section][key] = want
     return merged
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """Refuse a scorer folder of another format or kind, or whose meta lacks what loading needs."""
+    info = meta.get("scorer")
+    have = info.get("format") if isinstance(info, dict) else None
+    if have != SCORER_FORMAT:
+        raise ConfigError(f"scorer {path} has scorer format {have} (wsi-qc {meta.get('wsi_qc_version', '?')}) but "
+                          f"this wsi-qc reads format {SCORER_FORMAT}; refit it with wsi-qc fit-reference")
+    config = info.get("config")
+    if info.get("kind") not in ("pooled", "local") or not isinstance(config, dict) or not all(
+            isinstance(config.get(s), dict) for s in SCORER_SECTIONS) or not isinstance(meta.get("encoder"), dict):
+        raise ConfigError(f"scorer {path}/meta.json lacks its kind, encoder or config sections "
+                          f"({', '.join(SCORER_SECTIONS)}); refit it with wsi-qc fit-reference")
 
 
 def _plain(value):
@@ -330,16 +344,12 @@ class Scorer:
         path = Path(path)
         defaults = load_config()
         config = config or defaults
-        flow, meta = Flow.load(path, device=config["flow"]["device"])
-        info = meta.get("scorer")
-        if not isinstance(info, dict) or info.get("format") != SCORER_FORMAT:
-            have = info.get("format") if isinstance(info, dict) else None
-            raise ConfigError(f"scorer {path} has scorer format {have} (wsi-qc {meta.get('wsi_qc_version', '?')}) but "
-                              f"this wsi-qc reads format {SCORER_FORMAT}; refit it with wsi-qc fit-reference")
+        flow, meta = Flow.load(path, device=config["flow"]["device"], check_meta=lambda m: _check_meta(m, path))
+        info = meta["scorer"]
         merged = _merge_config(info["config"], config, defaults, path)
         encoder = encoder_from_config(merged)
-        if encoder.weights_sha256 != meta["encoder"]["weights_sha256"]:
-            raise ConfigError(f"scorer {path} was fitted with encoder weights {meta['encoder']['weights_sha256']} but "
+        if encoder.weights_sha256 != meta["encoder"].get("weights_sha256"):
+            raise ConfigError(f"scorer {path} was fitted with encoder weights {meta['encoder'].get('weights_sha256')} but "
                               f"encoder.weights={merged['encoder']['weights']!r} has {encoder.weights_sha256}; "
                               f"install the original weights or refit")
         scorer = cls(encoder, flow, merged)
