@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 TIATOOLBOX := tiatoolbox==2.1.3
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-slow test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +23,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)  # what .ci/run runs: the fast and the slow tests
+test-slow: $(STAMP)  # .ci/run runs `make test` (the README's command), then this
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)  # the fast and the slow tests in one run
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -361,6 +361,8 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
             threshold = conformal_threshold(scores[held], own["false_discard"])
             label = f"{name} {head_name}"
             test_scores[label] = scores[split == "test"]
+            if label == own["default"]:
+                default_scores = scores
             results["heads"][label] = {
                 "aggregate": chosen, "selection_auroc": {a: auroc(c[sel], meta["label"][sel]) for a, c in candidates.items()},
                 "test": evaluate(scores, meta, split == "test", own), "threshold": threshold,
@@ -371,6 +373,15 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
     test = split == "test"
     default = own["default"]
     results["default"] = default
+    cut = results["heads"][default]["threshold"]
+    held_scores = default_scores[held]
+    results["default_label_free"] = {  # the default head's label-free cut at other target rates
+        str(rate): {part: false_discards(default_scores, conformal_threshold(held_scores, rate), meta, split == part)
+                    for part in ("selection", "test")}
+        for rate in (0.005, 0.01, 0.02, 0.05)}
+    results["default_discards_by_slide"] = {  # clean test tiles of each slide discarded at the label-free cut
+        s: false_discards(default_scores, cut, meta, test & (meta["slide"] == s))["false_discard"]
+        for s in own["splits"]["test"] if (test & (meta["slide"] == s) & (meta["label"] == 0)).any()}
     results["versus"] = {other: paired_difference(test_scores[default], s, meta["label"][test], meta["source"][test],
                                                   own["n_bootstrap"], own["seed"])
                          for other, s in test_scores.items() if other != default}
@@ -393,6 +404,13 @@ def markdown(results: dict) -> str:
     lines.append("")
     lines.append(f"default ({results['default']}) minus each head, test AUROC, paired bootstrap 95 % CI: " + "; ".join(
         f"{other} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for other, (d, lo, hi) in results["versus"].items()))
+    lines.append("")
+    lines.append(f"default ({results['default']}) false discards of clean test tiles per slide at the label-free "
+                 "threshold: " + ", ".join(f"{s} {v:.3f}" for s, v in results["default_discards_by_slide"].items()))
+    lines.append("")
+    lines.append("default label-free cut at target false-discard rates (held-out reference tiles): " + "; ".join(
+        f"{rate}: selection {v['selection']['false_discard']:.3f} / test {v['test']['false_discard']:.3f} discarded "
+        f"clean, test recall {v['test']['recall']:.3f}" for rate, v in results["default_label_free"].items()))
     c = results["counts"]
     lines.append("")
     lines.append("tiles (clean/bad): " + ", ".join(f"{s} {v['clean']}/{v['bad']}" for s, v in c.items()))
