@@ -10,7 +10,7 @@ batches of 64 features behind the fastest encoder setting (and, in the note, on 
 call, as a scorer that keeps a slide's features can do). Then the default scorer of configs/default.yaml
 (the local one: per-position features, a flow over positions, top-k aggregation): its encoder alone and its
 scoring (flow + aggregation, `Scorer.score_tiles`) on the same tiles, in the same run. Prints one table.
-Run: python benchmarks/scoring.py [--batches 5] [--warmup 1] [--threads 2]
+Run: python benchmarks/scoring.py [--batches 5] [--warmup 1] [--threads 2] [--default-only]
 """
 
 from __future__ import annotations
@@ -122,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=5, help="timed batches per setting")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--default-only", action="store_true", help="only the default scorer's encoder and scoring")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     batches = make_batches(args.warmup + args.batches, seed=0)
     reference = make_batches(REFERENCE_BATCHES, seed=1)
 
     results = {}
-    for name, weights in ENCODERS:
+    for name, weights in [] if args.default_only else ENCODERS:
         print(f"{name} ({weights}) ...", flush=True)
         results[name] = bench_encoder(name, weights, batches, args.warmup, reference)
 

@@ -243,3 +243,13 @@ def test_commands_are_quiet_unless_verbose(tmp_path):
                           cwd=ROOT)
     assert loud.returncode == 0, loud.stderr
     assert "INFO timm" in loud.stderr
+
+
+def test_run_refuses_a_calibration_of_another_score_kind_before_any_slide(qc_kit, tmp_path, capsys):
+    config = tmp_path / "nll.yaml"
+    config.write_text(f"base: {qc_kit.config}\nscore: {{kind: nll}}\nrun: {{overlays: false}}\n")
+    code = cli.main(["run", str(qc_kit.slides[1]), "--config", str(config), "--scorer", str(qc_kit.scorer),
+                     "--calibration", str(qc_kit.calibration), "--out", str(tmp_path / "qc.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "'kind': 'rl2'" in err and "'kind': 'nll'" in err and "recalibrate" in err
+    assert not (tmp_path / "qc.zarr").exists()  # refused before the store or any slide was touched

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from conftest import write_tile_folder
+from wsi_qc.data import write_example_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,4 +111,8 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     score = _run(["wsi-qc", "score", tiles, "--scorer", "S", "--config", "tiny.yaml", "--out", "s.csv"], work, env)
     assert "60 tiles scored" in score.stdout
     assert len((work / "s.csv").read_text().splitlines()) == 61
+    write_example_slide(work / "slides" / "one.tif", size=(1024, 1024), mpp=0.25, seed=3)
+    _run(["wsi-qc", "calibrate", "--scorer", "S", "--false-discard", "0.05", "--out", "c.json"], work, env)
+    run = _run(["wsi-qc", "run", "slides", "--scorer", "S", "--calibration", "c.json", "--out", "qc.zarr"], work, env)
+    assert "1 of 1 slides done" in run.stdout and (work / "qc.zarr" / "one" / "rl2_map").is_dir()
     print(f"wheel build, install and CLI run: {time.perf_counter() - start:.1f} s")
