@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+import wsi_qc.calibrate  # noqa: F401  (imported first, as in a full test run: the API must not be shadowed by it)
 from wsi_qc.data import write_example_slide
 
 ROOT = Path(__file__).resolve().parents[1]

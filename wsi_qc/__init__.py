@@ -1,6 +1,6 @@
 """wsi-qc: quality control of histopathology whole-slide images with the RL2 metric.
 
-The API (see wsi_qc.api): `fit_reference`, `Scorer` (`.save`, `.load`, `.score_slide`), `calibrate`,
+The API (see wsi_qc.api): `fit_reference`, `Scorer` (`.save`, `.load`, `.score_slide`), `fit_threshold`,
 `qc_folder`, `load_config`. Heavy modules (torch, timm) load on first use, not on `import wsi_qc`.
 """
 
@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from wsi_qc.errors import ConfigError, NotFittedError, SlideError, WSIQCError
 
-_LAZY = {"fit_reference": "wsi_qc.api", "calibrate": "wsi_qc.api", "qc_folder": "wsi_qc.api",
+_LAZY = {"fit_reference": "wsi_qc.api", "fit_threshold": "wsi_qc.api", "qc_folder": "wsi_qc.api",
          "load_config": "wsi_qc.config", "Scorer": "wsi_qc.scorer", "Slide": "wsi_qc.slide"}
 
 __all__ = ["ConfigError", "NotFittedError", "SlideError", "WSIQCError", "__version__", *_LAZY]

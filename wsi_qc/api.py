@@ -1,9 +1,9 @@
-"""The Python API: fit a reference, calibrate, QC a folder (the `wsi-qc` commands call the same functions).
+"""The Python API: fit a reference, fit its threshold, QC a folder (the `wsi-qc` commands call the same functions).
 
     import wsi_qc
     wsi_qc.fit_reference(["good/"]).save("scorer")                  # known-good slides or folders of tiles
     tiles = wsi_qc.Scorer.load("scorer").score_slide("slide.tif")   # one row per tile: x, y, rl2, nll
-    wsi_qc.calibrate("scorer", false_discard=0.02, out="calibration.json")
+    wsi_qc.fit_threshold("scorer", false_discard=0.02, out="calibration.json")
     rows = wsi_qc.qc_folder(["slides/"], "scorer", "calibration.json", out="qc.zarr")
 """
 
@@ -41,7 +41,7 @@ def fit_reference(inputs: str | Path | Iterable[str | Path], config: ConfigLike 
     return Scorer.fit(features, encoder, config, groups=groups)
 
 
-def calibrate(scorer: str | Path, labels: str | Path | None = None, *, good=None, bad=None,
+def fit_threshold(scorer: str | Path, labels: str | Path | None = None, *, good=None, bad=None,
               false_discard: float | None = None, out: str | Path = "calibration.json",
               config: ConfigLike = None, verbose: bool = False) -> dict:
     """Fit the threshold of a saved scorer: on labelled tiles (labels CSV, or good/bad folders), or without
@@ -52,7 +52,7 @@ def calibrate(scorer: str | Path, labels: str | Path | None = None, *, good=None
     if false_discard is not None:
         config["threshold"].update(rule="false_discard", value=false_discard)
     elif labels is None and good is None:
-        raise ConfigError("calibrate needs labels (a CSV, or good= and bad= folders) or false_discard=RATE")
+        raise ConfigError("fit_threshold needs labels (a CSV, or good= and bad= folders) or false_discard=RATE")
     return fit(config, scorer, labels=labels, good=good, bad=bad, out=out, verbose=verbose)
 
 
