@@ -267,8 +267,8 @@ def test_slide_features_of_an_in_memory_slide():
     from wsi_qc.slide import Slide
 
     config = load_config(overrides={"encoder": {"name": "resnet18", "weights": "random", "device": "cpu",
-                                                "grid": None}, "tiles": {"size": 64, "workers": 2}})
-    image = np.tile(_stain_images()[0][1], (2, 2, 1))
+                                                "grid": None}, "tiles": {"size": 128, "workers": 2}})
+    image = _stain_images()[0][1]
     with Slide.from_array(image, mpp=0.5) as slide:
         found = slide_features(slide, encoder_from_config(config), config)
-    assert found.features.shape[0] == len(found.tiles.coords) > 100 and found.timings["tiles_per_s"] > 0
+    assert found.features.shape[0] == len(found.tiles.coords) > 10 and found.timings["tiles_per_s"] > 0
