@@ -128,13 +128,13 @@ def cmd_run(args) -> int:
     from wsi_qc.store import locked
 
     config = _config(args)
-    rows = qc_folder(args.inputs, args.scorer, args.calibration, args.out, config, report=args.report,
-                     force=args.force, embed=args.embed)
     out, report_dir = Path(args.out), report_folder(args.out, args.report)
-    if args.export_tiles:
-        with locked(out, wait=config["run"]["lock_wait"]):
+    with locked(out, wait=config["run"]["lock_wait"]):  # one lock over run, report and export (qc_folder re-enters it)
+        rows = qc_folder(args.inputs, args.scorer, args.calibration, out, config, report=args.report,
+                         force=args.force, embed=args.embed)
+        if args.export_tiles:
             counts = export_tiles(out, args.export_tiles, [r["slide"] for r in rows if r["status"] != "failed"])
-        print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
+            print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
     failed = [r for r in rows if r["status"] == "failed"]
     for r in rows:
         print(f"{r['status']:>8}  {r['slide']}: {r['n_tiles']} tiles, kept {r['kept_pct']} %"
