@@ -227,6 +227,14 @@ def test_conformal_threshold_is_the_finite_sample_quantile():
         conformal_threshold(scores, 1.5)
 
 
+def test_a_labelled_calibration_without_bad_tiles_or_auc_is_refused(calibration):
+    path, d = calibration
+    for edit in ({"n_bad": 0}, {"auc": None}):
+        path.write_text(json.dumps({**d, **edit}))
+        with pytest.raises(ConfigError, match="a labelled calibration needs bad tiles and an AUC"):
+            Threshold.load(path, "fp-abc")
+
+
 def test_label_free_threshold_round_trip_and_score_binding(tmp_path):
     t = Threshold("false_discard", 0.02).fit_label_free(np.linspace(0, 1, 201))
     assert t.threshold_ == pytest.approx(0.985, abs=0.006) and t.n_bad_ == 0

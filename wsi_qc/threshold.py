@@ -210,6 +210,9 @@ def _check_calibration(d, path: Path) -> None:
         if not isinstance(values, list) or not all(v is None or _is_number(v) for v in values):
             raise ConfigError(f"roc.{key} in calibration file {path} must be a list of numbers, got {values!r:.80}; "
                               f"{fix}")
+    if d["rule"] != "false_discard" and (d["n_bad"] < 1 or d["auc"] is None):  # only a label-free cut has neither
+        raise ConfigError(f"calibration file {path} has rule {d['rule']!r} but n_bad={d['n_bad']} and auc={d['auc']}; "
+                          f"a labelled calibration needs bad tiles and an AUC; {fix}")
     if len(d["auc_ci"]) != 2 or not all(v is None or _is_number(v) for v in d["auc_ci"]):
         raise ConfigError(f"auc_ci={d['auc_ci']!r} in calibration file {path} must be two numbers (or null); {fix}")
     scores = np.array([v for v in d["roc"]["thresholds"] if v is not None], float)
