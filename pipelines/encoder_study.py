@@ -46,7 +46,7 @@ from wsi_qc.calibrate import per_artifact_auc, read_labels
 from wsi_qc.catalogue import encoder_config, load_catalogue, weights_available
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
-from wsi_qc.encoder import IMAGE_STATS, image_statistics
+from wsi_qc.image_stats import IMAGE_STATS, image_statistics
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import Flow
 from wsi_qc.scorer import batches, encode, encoder_from_config, read_tile_images

