@@ -343,11 +343,11 @@ def test_result_config_leaves_out_only_what_does_not_change_results():
 
 
 _PROBE = """<script>
-window.addEventListener('load', function () { setTimeout(function () {  // thumbnails load once in view
-  function order() {
-    return Array.prototype.map.call(document.querySelectorAll('#slides tbody tr'),
-                                    function (tr) { return tr.getAttribute('data-slide'); }).join('|');
-  }
+function order() {
+  return Array.prototype.map.call(document.querySelectorAll('#slides tbody tr'),
+                                  function (tr) { return tr.getAttribute('data-slide'); }).join('|');
+}
+function report() {
   var out = {images: [], failedRows: document.querySelectorAll('#slides tbody tr.failed').length,
              failedText: (document.querySelector('ul.failures') || {}).textContent || '',
              shown: document.getElementById('shown').textContent};
@@ -359,16 +359,31 @@ window.addEventListener('load', function () { setTimeout(function () {  // thumb
   document.querySelector('th[data-col="slide"]').click(); out.bySlide = order();
   var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
-}, 300); });
+}
+window.addEventListener('load', function () {
+  var waited = 0;
+  (function ready() {  // thumbnails get their src once in view (DEFER_JS), then decode: wait for both, up to 8 s
+    var done = Array.prototype.every.call(document.querySelectorAll('#slides img'),
+                                          function (img) { return img.getAttribute('src') && img.complete; });
+    if (!done && waited < 8000) { waited += 100; setTimeout(ready, 100); return; }
+    report();
+  })();
+});
 </script>"""
 
 _SLIDE_PROBE = """<script>
 window.addEventListener('load', function () {
-  var out = Array.prototype.map.call(document.querySelectorAll('img'), function (img) {
-    return [img.className, img.naturalWidth, img.getAttribute('src')];
-  });
-  var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
+  var waited = 0;
+  (function ready() {  // lazy images may decode after the load event: wait for them, up to 8 s
+    var imgs = document.querySelectorAll('img');
+    var done = Array.prototype.every.call(imgs, function (img) { return img.complete && img.naturalWidth > 0; });
+    if (!done && waited < 8000) { waited += 100; setTimeout(ready, 100); return; }
+    var out = Array.prototype.map.call(imgs, function (img) {
+      return [img.className, img.naturalWidth, img.getAttribute('src')];
+    });
+    var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
+    document.body.appendChild(pre);
+  })();
 });
 </script>"""
 
