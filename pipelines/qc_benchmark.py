@@ -34,6 +34,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from wsi_qc.artifacts import make_artifact
+from wsi_qc.cascade import coarse_config, focus_values, settled, to_scale
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
 from wsi_qc.errors import ConfigError
@@ -327,6 +328,26 @@ def heads(own: dict, config: dict, local: bool) -> dict:
     return {"flow": FlowHead(flow), "gaussian": Gaussian(), "knn": KNN(own["knn_coreset"], own["seed"])}
 
 
+def local_maps(head, feats: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+    """Per-position scores (N, g, g) of a local head fitted on the positions of the `fit_rows` tiles."""
+    x, g = feats[fit_rows], feats.shape[1]
+    head.fit(x.reshape(-1, x.shape[-1]), np.repeat(np.arange(len(x)), g * g))
+    return head.score(feats.reshape(-1, feats.shape[-1])).reshape(len(feats), g, g)
+
+
+def cascade_scores(ts: TileSet, config: dict, own: dict, out: Path, fine: np.ndarray, how: str, fit_rows: np.ndarray,
+                   held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cascade tile scores, which tiles needed the fine pass) with the default local flow as the fine pass: the
+    coarse flow is fitted on the same reference tiles, settled tiles get their coarse score on the fine scale."""
+    local = {**config, "encoder": {**config["encoder"], **own["features"]["local"]}}
+    coarse = features_of(ts, config, coarse_config(local)["encoder"], out)
+    head = FlowHead({**config["flow"], "device": "cpu"})
+    coarse_scores = aggregate(local_maps(head, coarse, fit_rows), how)
+    state = {"coarse": coarse_scores[held], "focus": focus_values(coarse[fit_rows | held])}  # all reference tiles
+    clear = settled(coarse_scores, focus_values(coarse), state, config["cascade"])
+    return np.where(clear, to_scale(coarse_scores, coarse_scores[held], fine[held]), fine), ~clear
+
+
 def run_benchmark(config: dict, own: dict, out: Path) -> dict:
     start = time.perf_counter()
     ts = collect(config, own, out)
@@ -340,7 +361,22 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
     results = {"counts": {s: {"clean": int(((split == s) & (meta["label"] == 0)).sum()),
                               "bad": int(((split == s) & (meta["label"] == 1)).sum())} for s in SPLITS},
                "heads": {}}
-    test_scores = {}
+    test_scores, sel = {}, split == "selection"
+
+    def record(label: str, candidates: dict, t0: float) -> np.ndarray:
+        chosen = max(candidates, key=lambda a: auroc(candidates[a][sel], meta["label"][sel]))
+        scores = candidates[chosen]
+        threshold = conformal_threshold(scores[held], own["false_discard"])
+        test_scores[label] = scores[split == "test"]
+        results["heads"][label] = {
+            "aggregate": chosen, "selection_auroc": {a: auroc(c[sel], meta["label"][sel]) for a, c in candidates.items()},
+            "test": evaluate(scores, meta, split == "test", own), "threshold": threshold,
+            "test_discards": false_discards(scores, threshold, meta, split == "test"),
+            "selection_discards": false_discards(scores, threshold, meta, sel),
+            "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("%s: test AUROC %.3f (%s)", label, results["heads"][label]["test"]["overall"], chosen)
+        return scores
+
     for name, variant in own["features"].items():
         feats = features_of(ts, config, variant, out)
         local = feats.ndim == 4
@@ -348,28 +384,18 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
             t0 = time.perf_counter()
             x = feats[fit_rows]
             if local:
-                g = feats.shape[1]
-                head.fit(x.reshape(-1, x.shape[-1]), np.repeat(np.arange(len(x)), g * g))
-                maps = head.score(feats.reshape(-1, feats.shape[-1])).reshape(len(feats), g, g)
-                candidates = {a: aggregate(maps, a) for a in own["aggregates"]}
+                candidates = {a: aggregate(local_maps(head, feats, fit_rows), a) for a in own["aggregates"]}
             else:
                 head.fit(x)
                 candidates = {"tile": head.score(feats)}
-            sel = split == "selection"
-            chosen = max(candidates, key=lambda a: auroc(candidates[a][sel], meta["label"][sel]))
-            scores = candidates[chosen]
-            threshold = conformal_threshold(scores[held], own["false_discard"])
-            label = f"{name} {head_name}"
-            test_scores[label] = scores[split == "test"]
-            if label == own["default"]:
-                default_scores = scores
-            results["heads"][label] = {
-                "aggregate": chosen, "selection_auroc": {a: auroc(c[sel], meta["label"][sel]) for a, c in candidates.items()},
-                "test": evaluate(scores, meta, split == "test", own), "threshold": threshold,
-                "test_discards": false_discards(scores, threshold, meta, split == "test"),
-                "selection_discards": false_discards(scores, threshold, meta, sel),
-                "seconds": round(time.perf_counter() - t0, 1)}
-            log.info("%s: test AUROC %.3f (%s)", label, results["heads"][label]["test"]["overall"], chosen)
+            scores = record(f"{name} {head_name}", candidates, t0)
+            if f"{name} {head_name}" == own["default"]:
+                default_scores, default_aggregate = scores, results["heads"][own["default"]]["aggregate"]
+    if config["cascade"]["enabled"]:
+        t0 = time.perf_counter()
+        scores, fine = cascade_scores(ts, config, own, out, default_scores, default_aggregate, fit_rows, held)
+        record("cascade", {default_aggregate: scores}, t0)
+        results["cascade_fine"] = {part: float(fine[split == part].mean()) for part in ("selection", "test")}
     test = split == "test"
     default = own["default"]
     results["default"] = default
@@ -411,6 +437,10 @@ def markdown(results: dict) -> str:
     lines.append("default label-free cut at target false-discard rates (held-out reference tiles): " + "; ".join(
         f"{rate}: selection {v['selection']['false_discard']:.3f} / test {v['test']['false_discard']:.3f} discarded "
         f"clean, test recall {v['test']['recall']:.3f}" for rate, v in results["default_label_free"].items()))
+    if "cascade_fine" in results:
+        lines.append("")
+        lines.append("cascade: tiles that needed the full-resolution pass: " + ", ".join(
+            f"{part} {100 * v:.1f} %" for part, v in results["cascade_fine"].items()))
     c = results["counts"]
     lines.append("")
     lines.append("tiles (clean/bad): " + ", ".join(f"{s} {v['clean']}/{v['bad']}" for s, v in c.items()))

@@ -32,13 +32,19 @@ def _paths(inputs) -> list:
 
 
 def fit_reference(inputs: str | Path | Iterable[str | Path], config: ConfigLike = None):
-    """A Scorer fitted on known-good slides (files) and/or folders of tile images; save it with .save(path)."""
+    """A Scorer fitted on known-good slides (files) and/or folders of tile images; save it with .save(path).
+    With cascade.enabled, the cascade's coarse pass is fitted on the same tiles."""
+    from wsi_qc.cascade import coarse_config
     from wsi_qc.scorer import Scorer, encoder_from_config, reference_features
 
     config = as_config(config)
     encoder = encoder_from_config(config)
     features, groups = reference_features(_paths(inputs), encoder, config)
-    return Scorer.fit(features, encoder, config, groups=groups)
+    scorer = Scorer.fit(features, encoder, config, groups=groups)
+    if config["cascade"]["enabled"]:
+        coarse = encoder_from_config(coarse_config(config))
+        scorer.fit_cascade(reference_features(_paths(inputs), coarse, config)[0], coarse, groups=groups)
+    return scorer
 
 
 def fit_threshold(scorer: str | Path, labels: str | Path | None = None, *, good=None, bad=None,

@@ -52,17 +52,15 @@ def cmd_tiles(args) -> int:
 
 
 def cmd_fit_reference(args) -> int:
-    from wsi_qc.scorer import Scorer, encoder_from_config, reference_features
+    from wsi_qc.api import fit_reference
 
-    config = _config(args)
-    encoder = encoder_from_config(config)
-    features, groups = reference_features(args.inputs, encoder, config)
-    scorer = Scorer.fit(features, encoder, config, groups=groups)
+    scorer = fit_reference(args.inputs, _config(args))
     scorer.save(args.out)
     hist = scorer.flow.history_
-    print(f"reference: {len(features)} tiles, {scorer.kind} features {features.shape[-1]}-d -> latent "
+    cascade = " with the cascade's coarse pass" if scorer.coarse is not None else ""
+    print(f"reference: {scorer.n_reference_} tiles, {scorer.kind} features {scorer.encoder.dim}-d -> latent "
           f"{scorer.flow.mu_.shape[0]}-d; best validation NLL/dim {min(hist['val']):.4f} after {len(hist['val'])} "
-          f"epochs; scorer {args.out} (fingerprint {scorer.fingerprint})")
+          f"epochs; scorer {args.out}{cascade} (fingerprint {scorer.fingerprint})")
     return 0
 
 

@@ -76,6 +76,8 @@ class Encoder:
     levels: None for the last feature map, or stage indices (timm feature_info) whose outputs are used:
     pooled and concatenated, or, with `grid`, resampled to the grid and concatenated per position.
     grid: None for one vector per tile, or the side g of the per-position grid (local features; needs levels).
+    input_size: the side tiles are resized to before the network (None: the model's own, 224 for most); the
+    image statistics are always those of the tiles as given.
     image_stats: append cheap image statistics: per tile IMAGE_STATS (pooled); per position LOCAL_STATS plus the
     tile's IMAGE_STATS as context (grid), so that whole-tile changes (stain, JPEG, noise) reach every position.
     """
@@ -93,6 +95,7 @@ class Encoder:
         model_kwargs: dict | None = None,
         image_stats: bool = False,
         grid: int | None = None,
+        input_size: int | None = None,
     ) -> None:
         check_model_name(name)
         _check_choice("pooling", pooling, POOLINGS)
@@ -117,6 +120,8 @@ class Encoder:
             raise ConfigError(f"encoder grid={self.grid} needs a CNN with levels (stage indices) and grid >= 1; "
                               f"set encoder.levels (e.g. [1, 2, 3]) or grid: null")
         self.data_config = self._data_config(model)
+        if input_size is not None:  # e.g. the cascade's coarse pass: tiles downsampled to input_size px
+            self.data_config["input_size"] = [3, int(input_size), int(input_size)]
         self.level_dims = self._level_dims(model)
         self._output_nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"  # timm's Format is a str enum
 

@@ -32,7 +32,8 @@ from wsi_qc import __version__
 from wsi_qc.config import fingerprint, load_config
 from wsi_qc.errors import ConfigError, SlideError
 from wsi_qc.report import overlay_png, thumbnail_png, write_geojson, write_run_report  # noqa: F401 (re-exported)
-from wsi_qc.scorer import Scorer, slide_features
+from wsi_qc.cascade import PASSES
+from wsi_qc.scorer import Scorer, slide_scores
 from wsi_qc.slide import Slide
 from wsi_qc.store import consolidate, locked, open_store, read_slide, slide_done, slide_key, tidy, write_slide
 from wsi_qc.threshold import Threshold
@@ -112,7 +113,7 @@ def run_fingerprint(config: dict, scorer: Scorer, threshold: Threshold) -> str:
                         "threshold": float(threshold.threshold_)})
 
 
-TIMING_KEYS = ("tile_s", "encode_s", "score_s", "write_s", "report_s")
+TIMING_KEYS = ("tile_s", "encode_s", "score_s", "coarse_s", "focus_s", "fine_s", "write_s", "report_s")
 
 
 def _summary(slide_id: str, path: Path, attrs: dict, rl2: np.ndarray | None, status: str, seconds: float) -> dict:
@@ -124,6 +125,9 @@ def _summary(slide_id: str, path: Path, attrs: dict, rl2: np.ndarray | None, sta
     if rl2 is not None and len(rl2):
         row["rl2_median"] = float(np.median(rl2))
         row["rl2_p95"] = float(np.percentile(rl2, 95))
+    passes = attrs.get("passes", {})
+    if any(v for k, v in passes.items() if k != "fine"):  # a cascade run: tiles decided by each pass
+        row["passes"] = ", ".join(f"{k} {v}" for k, v in passes.items() if v)
     timings = attrs.get("timings", {})
     row.update({k: timings.get(k, np.nan) for k in TIMING_KEYS})
     row["tiles_per_s"] = timings.get("tiles_per_s", np.nan)
@@ -171,19 +175,18 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
         _reset_peak_rss()
         config = scorer.config  # the scorer's own encoder and tiles, the run's other sections
         with Slide.from_config(path, config) as slide, fixed_threads(config["run"]["threads"]):
-            found = slide_features(slide, scorer.encoder, config)
+            found = slide_scores(slide, scorer, config, features=config["run"]["save_features"])
             thumbnail, thumb_mpp, tissue, tiles, timings = (found.thumbnail, found.thumbnail_mpp, found.tissue,
                                                              found.tiles, dict(found.timings))
-            t0 = time.perf_counter()
-            rl2, rl2_map = scorer.score_tiles(found.features)
-            rl2 = rl2.astype(np.float32)
-            keep = threshold.keep(rl2)
-            timings["score_s"] = round(time.perf_counter() - t0, 3)
+            scores = found.scores
+            rl2, rl2_map = scores["rl2"].astype(np.float32), scores["rl2_map"]
+            keep = threshold.keep(rl2) & ~scores["discard"]
             grid = grid_image(tiles, np.where(keep, 1, 2).astype(np.uint8))
             attrs = {"source": str(path.resolve()), "sha256_head": slide.sha256_head(), "mpp": slide.mpp,
                      "tile_mpp": tiles.mpp, "tile_size": tiles.size, "thumbnail_mpp": thumb_mpp,
                      "n_tiles": int(len(rl2)), "n_keep": int(keep.sum()), "threshold": float(threshold.threshold_),
                      "score_kind": scorer.score_kind, "scorer_kind": scorer.kind, "fingerprint": fp,
+                     "passes": {name: int((scores["pass"] == i).sum()) for i, name in enumerate(PASSES)},
                      "wsi_qc_version": __version__}
             t0 = time.perf_counter()
             if config["run"]["overlays"]:
@@ -200,8 +203,8 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
             attrs["timings"] = timings
             t0 = time.perf_counter()
             write_slide(root, slide_id, coords=tiles.coords, rl2=rl2, keep=keep, grid=grid, tissue=tissue,
-                        attrs=attrs, rl2_map=rl2_map,
-                        features=found.features if config["run"]["save_features"] else None)
+                        attrs=attrs, rl2_map=rl2_map, passes=scores["pass"] if scorer.cascade_on else None,
+                        features=scores.get("features"))
             # known only after the write: in the report row, not in the stored attrs
             timings["write_s"] = round(time.perf_counter() - t0, 3)
             timings["peak_rss_mb"] = _peak_rss_mb()

@@ -10,7 +10,8 @@ Two kinds, told apart by the encoder's `grid`:
 
 `rl2` (default) or `nll` is the score (`score.kind`); both come from the same latent (see wsi_qc.rl2).
 A saved scorer carries its whole config (encoder, tiles, flow, score) and the scores of held-out reference
-tiles (for the label-free threshold), so `Scorer.load(path)` needs nothing else.
+tiles (for the label-free threshold), so `Scorer.load(path)` needs nothing else. Fitted with `cascade.enabled`,
+it also carries the coarse pass of the cascade (wsi_qc.cascade) in its folder `coarse/`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from wsi_qc.cascade import PASSES, coarse_config, focus_values, in_range, settled, to_scale, upsample
 from wsi_qc.config import load_config
 from wsi_qc.encoder import Encoder
 from wsi_qc.errors import ConfigError
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SCORE_KINDS = ("rl2", "nll")
 SCORER_FORMAT = 2  # bump when the scorer folder changes incompatibly
+COARSE_DIR = "coarse"  # the cascade's coarse pass, a scorer folder inside the scorer's
 # The config a scorer carries: these sections; all but their run-time keys are bound to it.
 SCORER_SECTIONS = ("encoder", "tiles", "flow", "score")
 RUNTIME_KEYS = {"encoder": ("device", "compile", "channels_last"), "tiles": ("workers", "batch_size", "overlap",
@@ -67,7 +72,8 @@ def encoder_from_config(config: dict) -> Encoder:
     e = config["encoder"]
     return Encoder(e["name"], weights=e["weights"], pooling=e["pooling"], levels=e["levels"], device=e["device"],
                    precision=e["precision"], channels_last=e["channels_last"], compile=e["compile"],
-                   model_kwargs=e["model_kwargs"], image_stats=e["image_stats"], grid=e.get("grid"))
+                   model_kwargs=e["model_kwargs"], image_stats=e["image_stats"], grid=e.get("grid"),
+                   input_size=e.get("input_size"))
 
 
 def flow_from_config(config: dict) -> Flow:
@@ -147,6 +153,50 @@ def slide_features(slide: Slide, encoder: Encoder, config: dict) -> SlideFeature
     timings = {"tile_s": round(t1 - t0, 3), "encode_s": round(t2 - t1, 3),
                "tiles_per_s": round(len(tiles.coords) / max(t2 - t1, 1e-9), 2)}
     return SlideFeatures(thumbnail, thumbnail_mpp, tissue, tiles, features, timings)
+
+
+@dataclass(frozen=True, eq=False)
+class SlideScores:
+    """One slide scored: thumbnail, tissue mask, tiles, their scores (see Scorer.score_images) and the seconds of
+    each step and pass."""
+
+    thumbnail: np.ndarray
+    thumbnail_mpp: float
+    tissue: np.ndarray
+    tiles: Tiles
+    scores: dict
+    timings: dict
+
+
+def slide_scores(slide: Slide, scorer: "Scorer", config: dict, features: bool = False) -> SlideScores:
+    """Tissue, tiles and scores of one opened slide, batch by batch (the cascade's passes run per batch);
+    `features`: also keep the full-resolution features of every tile (single pass only)."""
+    t0 = time.perf_counter()
+    thumbnail, thumbnail_mpp, tissue, tiles = tile_slide(slide, config)
+    t1 = time.perf_counter()
+    t = config["tiles"]
+    timings: dict = {"tile_s": round(t1 - t0, 3)}
+    parts = []
+    it = prefetch(iter_tile_batches(slide, tiles, batch_size=t["batch_size"], workers=t["workers"]))
+    with tqdm(total=len(tiles.coords), desc=slide.id, unit="tile", leave=False, disable=None) as bar:
+        for _, images in it:
+            parts.append(scorer.score_images(images, timings, features=features))
+            bar.update(len(images))
+    t2 = time.perf_counter()
+    n = len(tiles.coords)
+    parts = parts or [scorer.score_images(np.zeros((0, t["size"], t["size"], 3), np.uint8), features=features)]
+    scores = {k: None if v is None else np.concatenate([p[k] for p in parts]) for k, v in parts[0].items()}
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    timings.update(score_loop_s=round(t2 - t1, 3), tiles_per_s=round(n / max(t2 - t1, 1e-9), 2))
+    return SlideScores(thumbnail, thumbnail_mpp, tissue, tiles, scores, timings)
+
+
+@contextmanager
+def _timed(timings: dict | None, key: str):
+    start = time.perf_counter()
+    yield
+    if timings is not None:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
 def _slides_in(folder: Path, pattern: str) -> list[Path]:
@@ -235,6 +285,8 @@ class Scorer:
         aggregate(np.zeros((1, 1, 1)), self.aggregate)  # an unknown aggregate is refused here
         self.meta: dict = {}
         self.heldout_: dict[str, np.ndarray] = {}
+        self.coarse: Scorer | None = None  # the cascade's coarse pass, when fitted with it
+        self.focus_: np.ndarray | None = None  # the reference tiles' focus values (wsi_qc.cascade.FOCUS_STATS)
 
     @classmethod
     def fit(cls, features: np.ndarray, encoder: Encoder, config: dict, groups=None) -> "Scorer":
@@ -253,9 +305,65 @@ class Scorer:
         flow = flow_from_config(config).fit(rows, groups=np.repeat(tile_groups, per_tile),
                                             tiles=np.repeat(np.arange(n), per_tile))
         scorer = cls(encoder, flow, config)
+        scorer.n_reference_ = n
         held = np.unique(flow.val_rows_ // per_tile)
         scorer.heldout_ = scorer.score_maps_all(features[held]) if len(held) else {}
         return scorer
+
+    def fit_cascade(self, coarse_features: np.ndarray, encoder: Encoder, groups=None) -> "Scorer":
+        """Fit the cascade's coarse pass on the coarse features (`encoder`, from coarse_config) of the same
+        reference tiles; returns self."""
+        coarse_features = np.asarray(coarse_features, dtype=np.float32)
+        self.coarse = Scorer.fit(coarse_features, encoder, coarse_config(self.config), groups=groups)
+        self.focus_ = focus_values(coarse_features)
+        return self
+
+    @property
+    def cascade_on(self) -> bool:
+        """Scoring runs the cascade: fitted with it and cascade.enabled."""
+        return self.coarse is not None and bool(self.config["cascade"]["enabled"])
+
+    def score_images(self, images: np.ndarray, timings: dict | None = None, features: bool = False) -> dict:
+        """Scores of uint8 tiles (B, H, W, 3): "rl2" (B,) of score.kind, "rl2_map" (B, g, g) (None when pooled),
+        "pass" (B,) uint8 (wsi_qc.cascade.PASSES: which pass decided), "discard" (B,) (tiles a cheap pass discards
+        whatever the threshold); with `features`, "features" of every tile (single pass). Seconds per pass are
+        added to `timings`."""
+        n = len(images)
+        out = {"pass": np.zeros(n, np.uint8), "discard": np.zeros(n, bool)}
+        if not self.cascade_on or features:
+            with _timed(timings, "encode_s"):
+                found = self.encoder(images) if n else self._no_features()
+            with _timed(timings, "score_s"):
+                out["rl2"], out["rl2_map"] = self.score_tiles(found)
+            return {**out, "features": found} if features else out
+        c = self.config["cascade"]
+        with _timed(timings, "coarse_s"):
+            coarse = self.coarse.encoder(images) if n else self.coarse._no_features()
+            scores, maps = self.coarse.score_tiles(coarse)
+            held, target = self.coarse.heldout_scores(), self.heldout_scores()
+            out["rl2"] = to_scale(scores, held, target)
+            out["rl2_map"] = upsample(to_scale(maps, held, target), self.encoder.grid) if self.kind == "local" else None
+        with _timed(timings, "focus_s"):
+            focus = focus_values(coarse)
+            clear = settled(scores, focus, {"coarse": held, "focus": self.focus_}, c)
+        out["pass"][:] = PASSES.index("coarse")
+        if not c["fine"]:
+            if c["focus"]:
+                blurred = ~in_range(focus, self.focus_, c["focus_alpha"])
+                out["pass"][blurred], out["discard"] = PASSES.index("focus"), blurred
+            return out
+        doubt = np.flatnonzero(~clear)
+        if len(doubt):
+            with _timed(timings, "fine_s"):
+                rl2, rl2_map = self.score_tiles(self.encoder(images[doubt]))
+            out["rl2"][doubt], out["pass"][doubt] = rl2, PASSES.index("fine")
+            if rl2_map is not None:
+                out["rl2_map"][doubt] = rl2_map
+        return out
+
+    def _no_features(self) -> np.ndarray:
+        grid = self.encoder.grid
+        return np.zeros((0, self.encoder.dim) if grid is None else (0, grid, grid, self.encoder.dim), np.float32)
 
     @property
     def fingerprint(self) -> str:
@@ -308,7 +416,8 @@ class Scorer:
         return self.score_tiles(features)[0]
 
     def score_slide(self, path: str | Path):
-        """One row per tile of a slide (pandas DataFrame): slide, x, y (level-0 top-left), rl2, nll."""
+        """One row per tile of a slide (pandas DataFrame): slide, x, y (level-0 top-left), rl2, nll; every tile
+        through the full-resolution pass (no cascade), so both kinds exist for every tile."""
         import pandas as pd
 
         with Slide.from_config(path, self.config) as slide:
@@ -325,10 +434,18 @@ class Scorer:
         return values if self.kind == "pooled" else aggregate(values, self.aggregate)
 
     def save(self, path: str | Path) -> Path:
+        """Write the scorer folder (and its coarse pass under coarse/, bound to it by fingerprint)."""
+        path = Path(path)
         meta = {"encoder": self.encoder.meta(), "scorer": {
             "format": SCORER_FORMAT, "kind": self.kind,
             "config": {section: self.config[section] for section in SCORER_SECTIONS},
             "heldout": {k: np.round(v.astype(np.float64), 6).tolist() for k, v in self.heldout_.items()}}}
+        shutil.rmtree(path / COARSE_DIR, ignore_errors=True)
+        if self.coarse is not None:
+            self.coarse.save(path / COARSE_DIR)
+            meta["scorer"]["cascade"] = {"coarse_fingerprint": self.coarse.fingerprint, "config": {
+                k: self.config["cascade"][k] for k in ("coarse_mpp", "coarse_grid")},
+                "focus": np.round(self.focus_.astype(np.float64), 6).tolist()}
         self.flow.save(path, meta)
         self.meta = json.loads((Path(path) / META_FILE).read_text())  # the meta as written, fingerprint included
         return Path(path)
@@ -356,4 +473,25 @@ class Scorer:
         scorer.meta = meta
         shape = (-1,) if scorer.kind == "pooled" else (-1, encoder.grid, encoder.grid)
         scorer.heldout_ = {k: np.asarray(v, np.float32).reshape(shape) for k, v in info.get("heldout", {}).items()}
+        scorer._load_cascade(path, info.get("cascade"), defaults["cascade"])
         return scorer
+
+    def _load_cascade(self, path: Path, info: dict | None, defaults: dict) -> None:
+        """The coarse pass saved with the scorer; cascade.enabled without one, or another coarse resolution than
+        the scorer's, is refused."""
+        c = self.config["cascade"] = dict(self.config["cascade"])
+        if info is None:
+            if c["enabled"]:
+                raise ConfigError(f"scorer {path} was fitted without the cascade but the config sets cascade.enabled; "
+                                  f"set cascade.enabled: false or refit with it (wsi-qc fit-reference)")
+            return
+        for key, have in info["config"].items():  # the coarse pass's resolution is bound to the scorer
+            if c[key] not in (have, defaults[key]):
+                raise ConfigError(f"scorer {path} was fitted with cascade.{key}={have!r} but the config asks for "
+                                  f"{c[key]!r}; drop cascade.{key} from the config or refit")
+            c[key] = have
+        self.coarse = Scorer.load(path / COARSE_DIR, coarse_config(self.config))
+        if self.coarse.fingerprint != info["coarse_fingerprint"]:
+            raise ConfigError(f"{path / COARSE_DIR} is not the coarse pass fitted with {path} (fingerprint "
+                              f"{self.coarse.fingerprint[:12]}, expected {info['coarse_fingerprint'][:12]}); refit")
+        self.focus_ = np.asarray(info["focus"], np.float32)

@@ -7,7 +7,8 @@ Layout::
                                timings, ..., status ("writing" while arrays are written, "done" last)
         coords int32 (N, 2), rl2 float32 (N,), keep bool (N,), grid uint8 (rows, cols) ("y", "x"),
         tissue bool (h, w) ("y", "x"), features float32 (N, D) or (N, g, g, D) (optional),
-        rl2_map float32 (N, h, w) ("tile", "y", "x") (optional)
+        rl2_map float32 (N, h, w) ("tile", "y", "x") (optional),
+        pass uint8 (N,) ("tile",): the cascade pass that decided each tile, 0 fine, 1 coarse, 2 focus (cascade runs)
 
 Processes may write different slides into one store at once: each slide group is its own directory,
 and slide writers never rewrite the root's zarr.json (only open_store with attrs and consolidate do,
@@ -48,9 +49,9 @@ log = logging.getLogger(__name__)
 MARKER = "wsi_qc"
 DONE = "done"
 WRITING = "writing"
-ARRAYS = ("coords", "rl2", "keep", "grid", "tissue", "features", "rl2_map")
+ARRAYS = ("coords", "rl2", "keep", "grid", "tissue", "features", "rl2_map", "pass")
 REQUIRED = ("coords", "rl2", "keep", "grid", "tissue")
-DIMENSIONS = {"grid": ("y", "x"), "tissue": ("y", "x"), "rl2_map": ("tile", "y", "x")}
+DIMENSIONS = {"grid": ("y", "x"), "tissue": ("y", "x"), "rl2_map": ("tile", "y", "x"), "pass": ("tile",)}
 MAX_KEY = 200  # longer ids are cut and hashed: "<key>.geojson", ".<key>.tmp-<pid>" stay under 255 bytes
 
 
@@ -257,7 +258,7 @@ def _array(name: str, value, ndim: int, kinds: str, dtype) -> np.ndarray:
 
 
 def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tissue, attrs: dict,
-                features=None, rl2_map=None) -> zarr.Group:
+                features=None, rl2_map=None, passes=None) -> zarr.Group:
     """Write one slide's group completely under a temporary name, mark it done, rename it into place
     (replacing any earlier one)."""
     key = slide_key(slide_id)
@@ -273,10 +274,12 @@ def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tis
         arrays["features"] = _array("features", f, 4 if f.ndim == 4 else 2, "fiu", np.float32)
     if rl2_map is not None:
         arrays["rl2_map"] = _array("rl2_map", rl2_map, 3, "fiu", np.float32)
+    if passes is not None:  # the cascade pass that decided each tile (wsi_qc.cascade.PASSES)
+        arrays["pass"] = _array("pass", passes, 1, "iu", np.uint8)
     n = len(arrays["rl2"])
     if arrays["coords"].shape[1:] != (2,):
         raise ConfigError(f"coords must have shape (N, 2), got {arrays['coords'].shape}")
-    for name in ("coords", "keep", "features", "rl2_map"):
+    for name in ("coords", "keep", "features", "rl2_map", "pass"):
         if name in arrays and len(arrays[name]) != n:
             raise ConfigError(f"slide {slide_id}: {name} has {len(arrays[name])} rows but rl2 has {n}; "
                               f"pass one row per tile")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from wsi_qc.cascade import PASSES
 from wsi_qc.errors import WSIQCError
 from wsi_qc.report.manifest import write_manifest, write_report_csv
 from wsi_qc.report.pages import slide_section, write_report_html, write_slide_page
@@ -55,6 +56,10 @@ def _slide_assets(found: dict, rl2_map: np.ndarray | None, report_dir: Path, sli
             gallery = write_tile_gallery(folder, lambda x, y: slide.read_region((x, y), (size, size), tile_mpp),
                                          found["coords"], found["rl2"], rl2_map, n_worst)
         note = ""
+        if "pass" in found:  # a cascade run: which pass decided each worst tile
+            index = {(int(x), int(y)): i for i, (x, y) in enumerate(found["coords"])}
+            for item in gallery:
+                item["pass"] = PASSES[int(found["pass"][index[item["x"], item["y"]]])]
     except (OSError, WSIQCError) as exc:  # moved or unreadable slide: the rest of the page is still useful
         gallery, note = [], f"worst tiles not shown: {attrs['source']} cannot be read ({exc})"
     return images, gallery, caption, note

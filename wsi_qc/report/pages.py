@@ -200,7 +200,8 @@ def slide_section(row: Mapping[str, Any], images: Mapping[str, str | os.PathLike
     slide = str(row.get("slide"))
     facts = [("status", row.get("status")), ("source", row.get("path")), ("tiles", row.get("n_tiles")),
              ("kept", row.get("n_keep")), ("kept %", row.get("kept_pct")), ("rl2 median", row.get("rl2_median")),
-             ("rl2 p95", row.get("rl2_p95")), ("flagged kinds", _flagged(row.get("flagged_kinds"))),
+             ("rl2 p95", row.get("rl2_p95")), ("tiles per cascade pass", row.get("passes")),
+             ("flagged kinds", _flagged(row.get("flagged_kinds"))),
              ("error", row.get("error"))]
     table = "".join(f"<tr><th>{esc(k)}</th>{cell(v)}</tr>" for k, v in facts if not is_missing(v))
     captions = {"overlay": "keep / discard and rl2 per tile", "score_map": score_caption or "score map"}
@@ -210,7 +211,8 @@ def slide_section(row: Mapping[str, Any], images: Mapping[str, str | os.PathLike
     crops = "".join(
         '<figure><div class="crop">' + img(t["image"], page_dir, embed, "tile", "tile at {x}, {y}".format(**t))
         + (img(t["map"], page_dir, embed, "map", "rl2 map") if t.get("map") is not None else "")
-        + f'</div><figcaption>rl2 {t["rl2"]:.4g}<br>x {t["x"]}, y {t["y"]}</figcaption></figure>'
+        + f'</div><figcaption>rl2 {t["rl2"]:.4g}<br>x {t["x"]}, y {t["y"]}'
+        + (f'<br>{esc(t["pass"])} pass' if t.get("pass") else "") + '</figcaption></figure>'
         for t in gallery)
     hover = " (hover a tile to see its rl2 map)" if any(t.get("map") is not None for t in gallery) else ""
     return (f'<section class="slide" id="slide-{esc(slide)}"><h2>{esc(slide)}</h2><table>{table}</table>'
