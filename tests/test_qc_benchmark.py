@@ -15,6 +15,7 @@ TINY = {
     "tiles": {"size": 64, "batch_size": 32, "workers": 0},
     "flow": {"pca_dim": 16, "n_blocks": 2, "hidden": 32, "epochs": 3, "batch_size": 256, "patience": 2,
              "min_reference": 10},
+    "cascade": {"enabled": True},
     "benchmark": {
         "seed": 0, "example_size": 1536, "max_tiles": 30, "artifact_fraction": 0.5,
         "kinds": ["blur", "small_debris", "defocus"], "severities": [1, 3],
@@ -41,19 +42,22 @@ def result(tmp_path_factory):
 def test_benchmark_prints_every_head_on_the_test_split(result, capsys):
     results = json.loads((result / "results.json").read_text())
     heads = results["heads"]
-    assert set(heads) == {f"{f} {h}" for f in ("pooled", "local") for h in ("flow", "gaussian", "knn")}
+    assert set(heads) == {f"{f} {h}" for f in ("pooled", "local") for h in ("flow", "gaussian", "knn")} | {"cascade"}
+    assert heads["cascade"]["aggregate"] == heads["local flow"]["aggregate"]
+    assert all(0 <= v <= 1 for v in results["cascade_fine"].values())
     for name, r in heads.items():
         t = r["test"]
         assert 0 <= t["overall"] <= 1 and t["overall_ci"][0] <= t["overall_ci"][1]
         assert {"blur", "small_debris", "defocus", "defocus_1"} <= set(t)
         assert np.isfinite(r["threshold"]) and 0 <= r["test_discards"]["false_discard"] <= 1
-        if name.startswith("local"):
+        if name.startswith("local") and name != "cascade":
             assert r["aggregate"] in ("max", "top25", "mean") and set(r["selection_auroc"]) == {"max", "top25", "mean"}
     assert set(results["versus"]) == set(heads) - {"local flow"}
     for d, lo, hi in results["versus"].values():
         assert lo <= d <= hi or np.isclose(d, lo) or np.isclose(d, hi)
     table = (result / "results.md").read_text()
     assert "local flow" in table and "pooled gaussian" in table and "false discard" in table
+    assert "cascade: tiles that needed the full-resolution pass" in table
 
 
 def test_splits_are_disjoint_by_slide(tmp_path):
