@@ -18,11 +18,10 @@ from PIL import Image
 from shapely.geometry import Point, shape
 from skimage.data import immunohistochemistry
 
-from benchmarks.report import synthetic_rows
+from benchmarks.report import Chromium, synthetic_rows
 from wsi_qc.errors import ConfigError
 from wsi_qc.report import (
     REPORT_COLUMNS,
-    RL2_LABEL,
     discarded_geojson,
     overlay_png,
     roc_png,
@@ -445,7 +444,9 @@ window.addEventListener('load', function () {
   });
   var status = document.getElementById('status-filter');
   status.value = 'failed'; status.dispatchEvent(new Event('input'));
-  out.push('failed=' + order());
+  var drawn = Array.prototype.filter.call(document.querySelectorAll('#slides tbody tr'),
+                                          function (tr) { return tr.getClientRects().length > 0; });
+  out.push('failed=' + order() + ' drawn=' + drawn.length);  // a filtered-out row takes no room on the page
   status.value = ''; status.dispatchEvent(new Event('input'));
   var hi = document.getElementById('kept-max');
   hi.value = '80'; hi.dispatchEvent(new Event('input'));
@@ -477,7 +478,7 @@ def test_report_html_sorts_and_filters_in_headless_chromium(tmp_path, slide_case
     assert orders[2] == "kept_pct=slide-2|slide-1|slide-10|bad<slide>"
     assert orders[3] == "slide=bad<slide>|slide-1|slide-2|slide-10"  # numeric-aware text order
     assert orders[4] == "rl2_p95=slide-2|slide-1|slide-10|bad<slide>"
-    assert orders[5] == "failed=bad<slide>"
+    assert orders[5] == "failed=bad<slide> drawn=1"
     assert orders[6] == "kept<=80=slide-1|slide-10 2 of 4 slides shown"
 
     shot = tmp_path / "report.png"  # kept in the test's tmp dir
@@ -487,3 +488,41 @@ def test_report_html_sorts_and_filters_in_headless_chromium(tmp_path, slide_case
         assert im.size == (1400, 1000)
         pixels = np.asarray(im.convert("L"))
     assert pixels.std() > 20  # rendered content, not a blank page
+
+
+_SCROLL_JS = """new Promise(function (done) {
+  function withSrc() { return document.querySelectorAll('#slides img[src]').length; }
+  function until(test, then) {  // up to 20 s: thumbnails get a src once laid out in view (DEFER_JS), then decode
+    var begun = performance.now();
+    (function poll() { if (test() || performance.now() - begun > 20000) then(); else setTimeout(poll, 50); })();
+  }
+  var last = document.querySelector('#slides tbody tr:last-child'), img = last.querySelector('img'), first;
+  until(function () { return withSrc() > 0; }, function () {
+    first = withSrc();
+    last.scrollIntoView();
+    until(function () { return img.complete && img.naturalWidth > 0; }, function () {
+      done([first, withSrc(), document.querySelectorAll('#slides img').length, img.getAttribute('src'),
+            img.naturalWidth]);
+    });
+  });
+})"""
+
+
+@pytest.mark.browser
+def test_report_html_of_many_slides_loads_thumbnails_as_they_scroll_into_view(tmp_path, slide_case):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no chromium binary on PATH (apt-get install chromium)")
+    rows = synthetic_rows(200)
+    images = {r["slide"]: {"thumbnail": thumbnail_png(tmp_path / "thumbnails" / f"{r['slide']}.png",
+                                                      slide_case["thumb"], 160)}
+              for r in rows if r["status"] == "done"}
+    page = write_report_html(tmp_path / "report.html", rows, images)
+    browser = Chromium(binary, tmp_path / "profile")  # real time: a virtual-time budget can run out before a frame
+    try:
+        first, after, total, src, width = browser.evaluate(browser.open(page), _SCROLL_JS)
+    finally:
+        browser.close()
+    assert total == len(images) == 196
+    assert 0 < first < 40 and first < after < 80  # the rows near the view, then those near the last row
+    assert src == f"thumbnails/{rows[-1]['slide']}.png" and width > 0

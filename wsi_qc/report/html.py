@@ -151,13 +151,13 @@ def traceback_details(row: dict) -> str:
     return "" if is_missing(trace) else f"<details><summary>traceback</summary><pre>{esc(trace)}</pre></details>"
 
 
-def document(title: str, body: str, script: str = "") -> str:
-    """A whole HTML page: title, the version/date line, `body`, and the inline `script` (no CDN)."""
+def document(title: str, body: str, script: str = "", css: str = "") -> str:
+    """A whole HTML page: title, the version/date line, `body`, the inline `script` and the page's `css` (no CDN)."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
-        f"<style>{CSS}</style></head><body>"
+        f"<style>{CSS}{css}</style></head><body>"
         f"<h1>{esc(title)}</h1><div class=\"meta\">wsi-qc {esc(__version__)}, written {esc(stamp)}. "
         "rl2: distance to the reference tissue, higher = worse.</div>"
         f"{body}<script>{ZOOM_JS}{DEFER_JS}{script}</script></body></html>\n"

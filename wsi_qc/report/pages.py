@@ -13,11 +13,20 @@ import numpy as np
 from wsi_qc.report.html import cell, document, esc, href, img, is_missing, number, traceback_details, write_page
 from wsi_qc.report.manifest import report_columns
 
-# (row key, header, number format) of the summary table; the other columns go to the timings section
+# (row key, header, number format, column width) of the summary table; the other columns go to the timings section
 MAIN_COLUMNS = (
-    ("slide", "slide", None), ("status", "status", None), ("n_tiles", "tiles", "{:d}"),
-    ("kept_pct", "kept %", "{:.1f}"), ("rl2_median", "rl2 median", "{:.4g}"), ("rl2_p95", "rl2 p95", "{:.4g}"),
-    ("flagged_kinds", "flagged kinds", None), ("error", "error", None),
+    ("slide", "slide", None, "14rem"), ("status", "status", None, "5rem"), ("n_tiles", "tiles", "{:d}", "5rem"),
+    ("kept_pct", "kept %", "{:.1f}", "5rem"), ("rl2_median", "rl2 median", "{:.4g}", "6.5rem"),
+    ("rl2_p95", "rl2 p95", "{:.4g}", "5.5rem"), ("flagged_kinds", "flagged kinds", None, "8rem"),
+    ("error", "error", None, "minmax(12rem, 1fr)"),
+)
+# Each row of the slides table is a grid of fixed columns, not a table row, so that rows out of view skip style,
+# layout and paint (content-visibility); a table lays out every cell of 1000 rows before it shows the first.
+SLIDES_CSS = (
+    "#slides{display:block;border:solid #ddd;border-width:1px 0 0 1px} #slides thead,#slides tbody{display:block}"
+    f"#slides tr{{display:grid;grid-template-columns:{' '.join(w for *_, w in MAIN_COLUMNS)} calc(120px + 1rem)}}"
+    "#slides tbody tr{content-visibility:auto;contain-intrinsic-size:auto 101px} #slides tr[hidden]{display:none}"
+    "#slides th,#slides td{border-width:0 1px 1px 0;overflow-wrap:anywhere} #slides td:first-child{font-weight:600}"
 )
 DETAIL_FORMATS = {"n_keep": "{:d}", "seconds": "{:.1f}"}
 HIDDEN = {"traceback"}
@@ -125,23 +134,22 @@ def _slide_link(slide: str, page_dir: Path, slide_pages: Mapping[str, str | os.P
 
 def _main_row(row: Mapping[str, Any], link: str | None, thumbnail: str) -> str:
     slide, status = str(row.get("slide")), str(row.get("status", ""))
-    name = f"<b>{esc(slide)}</b>"
     cells = [f'<td data-value="{esc(slide)}" title="{esc(row.get("path"))}">'
-             + (f'<a href="{link}">{name}</a>' if link else name) + "</td>",
+             + (f'<a href="{link}">{esc(slide)}</a>' if link else esc(slide)) + "</td>",
              f'<td data-value="{esc(status)}" class="status-{esc(status)}">{esc(status)}</td>']
-    cells += [cell(row.get(key), fmt) for key, _, fmt in MAIN_COLUMNS[2:6]]
+    cells += [cell(row.get(key), fmt) for key, _, fmt, _ in MAIN_COLUMNS[2:6]]
     cells.append(cell(_flagged(row.get("flagged_kinds"))))
     error = "" if is_missing(row.get("error")) else row.get("error")
-    cells.append(f'<td data-value="{esc(error)}"><span class="error">{esc(error)}</span></td>')
+    cells.append(f'<td data-value="{esc(error)}" class="error">{esc(error)}</td>')
     cells.append(f"<td>{thumbnail}</td>")
     kept = number(row.get("kept_pct"))
+    kept = "" if kept is None else repr(kept)
     css = ' class="failed"' if status == "failed" else ""
-    return (f'<tr data-slide="{esc(slide)}" data-status="{esc(status)}" data-kept="{"" if kept is None else kept!r}"'
-            f'{css}>{"".join(cells)}</tr>')
+    return f'<tr data-slide="{esc(slide)}" data-status="{esc(status)}" data-kept="{kept}"{css}>{"".join(cells)}</tr>'
 
 
 def _details(rows: Sequence[Mapping[str, Any]]) -> str:
-    main = {key for key, _, _ in MAIN_COLUMNS}
+    main = {key for key, *_ in MAIN_COLUMNS}
     columns = [c for c in report_columns(rows) if c not in main and c not in HIDDEN
                and not any(isinstance(r.get(c), (list, tuple, dict, np.ndarray)) for r in rows)]
     header = '<th data-col="slide">slide</th>' + "".join(f'<th data-col="{esc(c)}">{esc(c)}</th>' for c in columns)
@@ -173,7 +181,8 @@ def write_report_html(
     """
     path = Path(path)
     page_dir, images = path.parent, images or {}
-    header = "".join(f'<th data-col="{key}">{esc(label)}</th>' for key, label, _ in MAIN_COLUMNS) + "<th>thumbnail</th>"
+    header = "".join(f'<th data-col="{key}">{esc(label)}</th>' for key, label, *_ in MAIN_COLUMNS)
+    header += "<th>thumbnail</th>"
     body = []
     for row in rows:
         slide = str(row.get("slide"))
@@ -190,7 +199,7 @@ def write_report_html(
         + f"<h2>Slides</h2>{_filters(rows)}<table class=\"sortable\" id=\"slides\"><thead><tr>{header}</tr></thead>"
         f"<tbody>{''.join(body)}</tbody></table>{_details(rows)}"
         + "".join((sections or {}).values())
-    ), SUMMARY_JS)
+    ), SUMMARY_JS, SLIDES_CSS)
     return write_page(path, text)
 
 
