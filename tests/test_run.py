@@ -9,9 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import tifffile
 import zarr
 from PIL import Image
 
+from benchmarks.report import Chromium
 from wsi_qc.config import load_config
 from wsi_qc.errors import ConfigError
 from wsi_qc.run import (check_inputs, collect_slides, export_tiles, result_config, run_fingerprint, run_slides,
@@ -342,67 +341,49 @@ def test_result_config_leaves_out_only_what_does_not_change_results():
 # ---------------------------------------------------------------- the HTML report in a browser
 
 
-_PROBE = """<script>
-function order() {
-  return Array.prototype.map.call(document.querySelectorAll('#slides tbody tr'),
-                                  function (tr) { return tr.getAttribute('data-slide'); }).join('|');
-}
-function report() {
-  var out = {images: [], failedRows: document.querySelectorAll('#slides tbody tr.failed').length,
-             failedText: (document.querySelector('ul.failures') || {}).textContent || '',
-             shown: document.getElementById('shown').textContent};
-  document.querySelectorAll('#slides img').forEach(function (img) {
-    out.images.push([img.closest('tr').getAttribute('data-slide'), img.naturalWidth, img.getAttribute('src')]);
-  });
-  var th = document.querySelector('th[data-col="rl2_median"]');
-  th.click(); out.asc = order(); th.click(); out.desc = order();
-  document.querySelector('th[data-col="slide"]').click(); out.bySlide = order();
-  var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-}
-window.addEventListener('load', function () {
-  var waited = 0;
-  (function ready() {  // thumbnails get their src once in view (DEFER_JS), then decode: wait for both, up to 8 s
-    var done = Array.prototype.every.call(document.querySelectorAll('#slides img'),
-                                          function (img) { return img.getAttribute('src') && img.complete; });
-    if (!done && waited < 8000) { waited += 100; setTimeout(ready, 100); return; }
-    report();
-  })();
-});
-</script>"""
-
-_SLIDE_PROBE = """<script>
-window.addEventListener('load', function () {
-  var waited = 0;
-  (function ready() {  // lazy images may decode after the load event: wait for them, up to 8 s
-    var imgs = document.querySelectorAll('img');
-    var done = Array.prototype.every.call(imgs, function (img) { return img.complete && img.naturalWidth > 0; });
-    if (!done && waited < 8000) { waited += 100; setTimeout(ready, 100); return; }
-    var out = Array.prototype.map.call(imgs, function (img) {
-      return [img.className, img.naturalWidth, img.getAttribute('src')];
+_PROBE = """new Promise(function (done) {
+  function order() {
+    return Array.prototype.map.call(document.querySelectorAll('#slides tbody tr'),
+                                    function (tr) { return tr.getAttribute('data-slide'); }).join('|');
+  }
+  var begun = performance.now();
+  (function ready() {  // thumbnails get their src once in view (DEFER_JS), then decode: wait for both, up to 30 s
+    var done_ = Array.prototype.every.call(document.querySelectorAll('#slides img'),
+                                           function (img) { return img.getAttribute('src') && img.complete; });
+    if (!done_ && performance.now() - begun < 30000) { setTimeout(ready, 50); return; }
+    var out = {images: [], failedRows: document.querySelectorAll('#slides tbody tr.failed').length,
+               failedText: (document.querySelector('ul.failures') || {}).textContent || '',
+               shown: document.getElementById('shown').textContent};
+    document.querySelectorAll('#slides img').forEach(function (img) {
+      out.images.push([img.closest('tr').getAttribute('data-slide'), img.naturalWidth, img.getAttribute('src')]);
     });
-    var pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
-    document.body.appendChild(pre);
+    var th = document.querySelector('th[data-col="rl2_median"]');
+    th.click(); out.asc = order(); th.click(); out.desc = order();
+    document.querySelector('th[data-col="slide"]').click(); out.bySlide = order();
+    done(out);
   })();
-});
-</script>"""
+})"""
+
+_SLIDE_PROBE = """new Promise(function (done) {
+  var begun = performance.now();
+  (function ready() {  // lazy images may decode after the load event: wait for them, up to 30 s
+    var imgs = document.querySelectorAll('img');
+    var all = Array.prototype.every.call(imgs, function (img) { return img.complete && img.naturalWidth > 0; });
+    if (!all && performance.now() - begun < 30000) { setTimeout(ready, 50); return; }
+    done(Array.prototype.map.call(imgs, function (img) { return [img.className, img.naturalWidth,
+                                                                 img.getAttribute('src')]; }));
+  })();
+})"""
 
 
 def _probe(binary: str, page: Path, script: str, profile: Path):
-    """Open a copy of `page` beside it, with `script` added, in headless Chromium; the JSON it leaves."""
-    probe = page.with_name(f"probe-{page.name}")
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
-    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-           "--disable-background-networking", "--allow-file-access-from-files", "--window-size=1400,2000",
-           f"--user-data-dir={profile}",
-           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    """The value of `script` (a promise) in `page` opened in headless Chromium, in real time (a virtual-time
+    budget can run out before the first frame on a loaded machine)."""
+    browser = Chromium(binary, profile)
     try:
-        dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90, check=False)
+        return browser.evaluate(browser.open(page), script)
     finally:
-        probe.unlink()
-    match = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
-    assert match, f"no probe result in the DOM (rc {dom.returncode}): {dom.stderr[-1500:]}"
-    return json.loads(match.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+        browser.close()
 
 
 @pytest.mark.browser
