@@ -69,6 +69,9 @@ def test_fitted_scorer_carries_its_coarse_pass_and_loads_it(tiny):
     scorer, root = tiny["scorer"], tiny["root"]
     assert scorer.coarse is not None and scorer.coarse.encoder.grid == 7 and scorer.coarse.encoder.data_config[
         "input_size"] == [3, 32, 32]  # 64 px at 0.5 mpp seen at 1 mpp
+    as_fitted = load_config(overrides={k: v for k, v in TINY.items() if k != "cascade"})  # cascade.enabled: null
+    assert Scorer.load(root / "scorer", as_fitted).cascade_on  # runs as it was fitted
+    assert not Scorer.load(root / "scorer", load_config(overrides={**TINY, "cascade": {"enabled": False}})).cascade_on
     loaded = Scorer.load(root / "scorer", tiny["config"])
     a, b = scorer.score_images(tiny["images"]), loaded.score_images(tiny["images"])
     np.testing.assert_allclose(a["rl2"], b["rl2"], rtol=1e-5)

@@ -68,6 +68,7 @@ LIMITS: dict[str, Limit] = {
     "flow.seed": AT_LEAST_0,
     "flow.min_reference": Limit(low=2),
     "score.kind": Limit(choices="wsi_qc.scorer:SCORE_KINDS"),
+    "cascade.enabled": Limit(bool, null=True),
     "cascade.coarse_mpp": POSITIVE,
     "cascade.coarse_grid": AT_LEAST_1,
     "cascade.settle": FRACTION,

@@ -320,8 +320,8 @@ class Scorer:
 
     @property
     def cascade_on(self) -> bool:
-        """Scoring runs the cascade: fitted with it and cascade.enabled."""
-        return self.coarse is not None and bool(self.config["cascade"]["enabled"])
+        """Scoring runs the cascade: fitted with it, and cascade.enabled is not false."""
+        return self.coarse is not None and self.config["cascade"]["enabled"] is not False
 
     def score_images(self, images: np.ndarray, timings: dict | None = None, features: bool = False) -> dict:
         """Scores of uint8 tiles (B, H, W, 3): "rl2" (B,) of score.kind, "rl2_map" (B, g, g) (None when pooled),
@@ -481,7 +481,7 @@ class Scorer:
         the scorer's, is refused."""
         c = self.config["cascade"] = dict(self.config["cascade"])
         if info is None:
-            if c["enabled"]:
+            if c["enabled"] is True:
                 raise ConfigError(f"scorer {path} was fitted without the cascade but the config sets cascade.enabled; "
                                   f"set cascade.enabled: false or refit with it (wsi-qc fit-reference)")
             return
