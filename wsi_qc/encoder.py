@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from wsi_qc.catalogue import HUB_PREFIXES
 from wsi_qc.config import resolve_device
 from wsi_qc.errors import ConfigError
-from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics
+from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics, rgb_tensor
 from wsi_qc.weights import WEIGHT_PACKAGES, check_state_dict, read_weights, sha256_file, weights_file
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class Encoder:
             raise ConfigError(f"encoder input must be a uint8 numpy array (B, H, W, 3); got {seen}")
         size = tuple(self.data_config["input_size"][1:])
         with torch.inference_mode():
-            rgb = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+            rgb = rgb_tensor(images, self.device)
             x = rgb
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -281,15 +281,14 @@ class Encoder:
             x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = self._run(x)
-            out = out.float()
-            if self.grid is not None and self.image_stats:
-                out = torch.cat([out, local_statistics(rgb, self.grid)], dim=1)
-        out = out.cpu().numpy()
+            parts = [out.float()]
+            if self.image_stats:
+                stats = image_statistics(rgb)
+                if self.grid is None:
+                    parts.append(stats)
+                else:  # the tile's statistics as every position's context
+                    parts += [local_statistics(rgb, self.grid), stats[:, :, None, None].expand(-1, -1, *out.shape[2:])]
+            out = torch.cat(parts, dim=1).cpu().numpy()
         if self.grid is not None:
             out = np.ascontiguousarray(out.transpose(0, 2, 3, 1))
-        if self.image_stats:
-            stats = image_statistics(images)
-            if self.grid is not None:  # the tile's statistics as every position's context
-                stats = np.broadcast_to(stats[:, None, None, :], out.shape[:3] + stats.shape[1:])
-            out = np.concatenate([out, stats], axis=-1)
         return out
