@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from wsi_qc.catalogue import HUB_PREFIXES
 from wsi_qc.config import resolve_device
+from wsi_qc.cpu_runtime import CPU_RUNTIMES, ExportedNetwork, export_onnx
 from wsi_qc.errors import ConfigError
 from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics, rgb_tensor
 from wsi_qc.weights import WEIGHT_PACKAGES, check_state_dict, read_weights, sha256_file, weights_file
@@ -61,6 +62,17 @@ def _is_token_model(model: torch.nn.Module) -> bool:
     return getattr(model, "num_prefix_tokens", 0) > 0 and hasattr(model, "forward_intermediates")
 
 
+class _Network(torch.nn.Module):
+    """An encoder's network and feature pooling as one module, the part a CPU runtime runs."""
+
+    def __init__(self, encoder: "Encoder") -> None:
+        super().__init__()
+        self.model, self._features = encoder.model, encoder._features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._features(x)
+
+
 def _check_choice(what: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"encoder {what} {value!r} is not one of {', '.join(choices)}")
@@ -78,6 +90,8 @@ class Encoder:
     grid: None for one vector per tile, or the side g of the per-position grid (local features; needs levels).
     image_stats: append cheap image statistics: per tile IMAGE_STATS (pooled); per position LOCAL_STATS plus the
     tile's IMAGE_STATS as context (grid), so that whole-tile changes (stain, JPEG, noise) reach every position.
+    cpu_runtime: what runs the network on the CPU: "torch", or its ONNX export in "onnxruntime" or "openvino"
+    (fp32, no torch.compile; the default config's choice is openvino, see benchmarks/runtimes.py); on CUDA, torch.
     """
 
     def __init__(
@@ -93,10 +107,12 @@ class Encoder:
         model_kwargs: dict | None = None,
         image_stats: bool = False,
         grid: int | None = None,
+        cpu_runtime: str = "torch",
     ) -> None:
         check_model_name(name)
         _check_choice("pooling", pooling, POOLINGS)
         _check_choice("precision", precision, PRECISIONS)
+        _check_choice("cpu_runtime", cpu_runtime, CPU_RUNTIMES)
         self.name = name
         self.weights = str(weights)
         self.pooling = pooling
@@ -104,10 +120,15 @@ class Encoder:
         self.grid = None if grid is None else int(grid)
         self.device = resolve_device(device, "encoder")
         self.precision = precision
-        self.channels_last = channels_last
         self.compile = compile
         self.model_kwargs = dict(model_kwargs or {})
         self.image_stats = bool(image_stats)
+        self.cpu_runtime = cpu_runtime if self.device.type == "cpu" else "torch"
+        self.channels_last = channels_last and self.cpu_runtime == "torch"  # an exported network takes NCHW
+        if self.cpu_runtime != "torch" and (precision != "fp32" or compile):
+            raise ConfigError(f"encoder cpu_runtime {cpu_runtime!r} runs the network in fp32 and uncompiled, but "
+                              f"precision={precision!r} and compile={compile!r}; set precision: fp32 and "
+                              f"compile: false, or cpu_runtime: torch")
 
         with torch.random.fork_rng(devices=[]):  # "random" weights are the same every time (seed 0)
             torch.manual_seed(0)
@@ -121,7 +142,7 @@ class Encoder:
         self._output_nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"  # timm's Format is a str enum
 
         model = model.eval().requires_grad_(False).to(self.device)
-        if channels_last:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._run = torch.compile(self._features) if compile else self._features
@@ -133,7 +154,10 @@ class Encoder:
             self.network_dim = int(self._features(probe).shape[1])
         n_stats = len(self._stats_names())
         self.dim = self.network_dim + n_stats
-        log.info("encoder %s (%s) dim=%d grid=%s on %s", name, self.weights, self.dim, self.grid, self.device)
+        if self.cpu_runtime != "torch":
+            self._run = ExportedNetwork(self.cpu_runtime, export_onnx(_Network(self), cfg["input_size"], self.meta()))
+        log.info("encoder %s (%s) dim=%d grid=%s on %s (%s)", name, self.weights, self.dim, self.grid, self.device,
+                 self.cpu_runtime)
 
     def _build(self) -> tuple[torch.nn.Module, str]:
         """Create the headless timm model with its weights; return it and the weights' identity."""

@@ -42,8 +42,8 @@ SCORE_KINDS = ("rl2", "nll")
 SCORER_FORMAT = 2  # bump when the scorer folder changes incompatibly
 # The config a scorer carries: these sections; all but their run-time keys are bound to it.
 SCORER_SECTIONS = ("encoder", "tiles", "flow", "score")
-RUNTIME_KEYS = {"encoder": ("device", "compile", "channels_last"), "tiles": ("workers", "batch_size", "overlap",
-                                                                            "min_tissue"),
+RUNTIME_KEYS = {"encoder": ("device", "compile", "channels_last", "cpu_runtime"),
+                "tiles": ("workers", "batch_size", "overlap", "min_tissue"),
                 "flow": ("device",), "score": ("kind", "aggregate")}
 
 
@@ -67,7 +67,8 @@ def encoder_from_config(config: dict) -> Encoder:
     e = config["encoder"]
     return Encoder(e["name"], weights=e["weights"], pooling=e["pooling"], levels=e["levels"], device=e["device"],
                    precision=e["precision"], channels_last=e["channels_last"], compile=e["compile"],
-                   model_kwargs=e["model_kwargs"], image_stats=e["image_stats"], grid=e.get("grid"))
+                   model_kwargs=e["model_kwargs"], image_stats=e["image_stats"], grid=e.get("grid"),
+                   cpu_runtime=e["cpu_runtime"])
 
 
 def flow_from_config(config: dict) -> Flow:
