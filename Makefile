@@ -32,6 +32,7 @@ test-all: $(STAMP)  # the fast and the slow tests in one run
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tiling.py
 	$(BIN)/python benchmarks/scoring.py
+	$(BIN)/python benchmarks/runtimes.py
 	$(BIN)/python benchmarks/batch.py
 	$(BIN)/python benchmarks/report.py
 

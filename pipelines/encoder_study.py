@@ -46,7 +46,7 @@ from wsi_qc.calibrate import per_artifact_auc, read_labels
 from wsi_qc.catalogue import encoder_config, load_catalogue, weights_available
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
-from wsi_qc.image_stats import IMAGE_STATS, image_statistics
+from wsi_qc.image_stats import IMAGE_STATS, image_statistics, rgb_tensor
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import Flow
 from wsi_qc.scorer import batches, encode, encoder_from_config, read_tile_images
@@ -126,6 +126,12 @@ def load_set(folder: Path, size: int) -> dict:
 
 def _key(image: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def stats_of(images: np.ndarray) -> np.ndarray:
+    """The study's "stats" block: IMAGE_STATS (N, len(IMAGE_STATS)) float32 of uint8 tiles (N, H, W, 3)."""
+    with torch.inference_mode():
+        return image_statistics(rgb_tensor(images)).numpy()
 
 
 class FeatureCache:
@@ -416,7 +422,7 @@ def run_study(config: dict, study: dict, out: Path) -> dict:
     folders = calibration_sets(config, study, slides, out)
     size = config["tiles"]["size"]
     sets = {seed: load_set(folder, size) for seed, folder in folders.items()}
-    stats = FeatureCache(image_statistics, len(IMAGE_STATS), out / "features" / "stats.npz",
+    stats = FeatureCache(stats_of, len(IMAGE_STATS), out / "features" / "stats.npz",
                          json.dumps(list(IMAGE_STATS)))
     encoders, mats = [], {}
     for spec in specs:

@@ -31,6 +31,23 @@ def write_tile_folder(folder: Path, n: int = 60, size: int = 64) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tissue_tiles(tmp_path_factory):
+    """Four 96 px tiles (0.5 mpp) of a generated example slide, each almost all tissue."""
+    import numpy as np
+
+    from wsi_qc.config import load_config
+    from wsi_qc.data import write_example_slide
+    from wsi_qc.slide import Slide
+    from wsi_qc.tiles import tile_slide
+
+    path = write_example_slide(tmp_path_factory.mktemp("tissue") / "example.tif", size=(2048, 2048), seed=3)
+    config = load_config(overrides={"tiles": {"size": 96, "min_tissue": 0.95}})
+    with Slide(path) as slide:
+        tiles = tile_slide(slide, config)[-1]
+        return np.stack([slide.read_region(tuple(xy), (96, 96), 0.5) for xy in tiles.coords[:4]])
+
+
 # ---------------------------------------------------------------- a tiny fitted scorer for batch runs
 
 QC_CONFIG = """\

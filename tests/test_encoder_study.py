@@ -1,5 +1,5 @@
 """Encoder study: the table end to end on a small generated slide with a random-weight tiny encoder;
-image statistics; the feature cache."""
+the encoder's image-statistics columns; the feature cache."""
 
 from __future__ import annotations
 
@@ -9,30 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from scipy import ndimage
 
 from pipelines import encoder_study
-from wsi_qc.artifacts import make_artifact
 from wsi_qc.catalogue import load_catalogue, weights_available
 from wsi_qc.data import write_example_slide
 from wsi_qc.encoder import Encoder
-from wsi_qc.image_stats import IMAGE_STATS, image_statistics
-from wsi_qc.config import load_config
-from wsi_qc.slide import Slide
-from wsi_qc.tiles import tile_slide
+from wsi_qc.image_stats import IMAGE_STATS
 
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory) -> Path:
     return write_example_slide(tmp_path_factory.mktemp("slides") / "example.tif", size=(2048, 2048), seed=3)
-
-
-@pytest.fixture(scope="module")
-def tissue_tiles(slide) -> np.ndarray:
-    config = load_config(overrides={"tiles": {"size": 96, "min_tissue": 0.95}})
-    with Slide(slide) as s:
-        tiles = tile_slide(s, config)[-1]
-        return np.stack([s.read_region(tuple(xy), (96, 96), 0.5) for xy in tiles.coords[:4]])
 
 
 def missing_weights_entry() -> str | None:
@@ -91,19 +78,6 @@ def test_study_table_with_random_tiny_encoder(slide, tmp_path):
     assert {"stats.npz", "tiny-multi.npz", "tiny-last.npz"} <= cached
 
 
-def test_image_statistics_respond_to_their_artifacts(tissue_tiles):
-    stats = image_statistics(tissue_tiles)
-    assert stats.shape == (len(tissue_tiles), len(IMAGE_STATS)) and stats.dtype == np.float32
-    col = {name: i for i, name in enumerate(IMAGE_STATS)}
-    rng = np.random.default_rng(0)
-    blurred = np.stack([ndimage.gaussian_filter(t, sigma=(3, 3, 0)) for t in tissue_tiles])
-    jpeg = np.stack([make_artifact(t, "jpeg", 3, rng) for t in tissue_tiles])
-    pen = np.stack([make_artifact(t, "pen", 3, rng) for t in tissue_tiles])
-    assert (image_statistics(blurred)[:, col["log_laplacian_var"]] < stats[:, col["log_laplacian_var"]] - 1).all()
-    assert (image_statistics(jpeg)[:, col["jpeg_blockiness"]] > stats[:, col["jpeg_blockiness"]]).all()
-    assert (image_statistics(pen)[:, col["off_palette_fraction"]] > stats[:, col["off_palette_fraction"]]).all()
-
-
 def test_encoder_appends_image_statistics(tissue_tiles):
     plain = Encoder("test_efficientnet", levels=[0, 1], device="cpu")
     with_stats = Encoder("test_efficientnet", levels=[0, 1], device="cpu", image_stats=True)
@@ -111,21 +85,21 @@ def test_encoder_appends_image_statistics(tissue_tiles):
     assert with_stats.stats_slice == slice(plain.dim, with_stats.dim) and plain.stats_slice is None
     features = with_stats(tissue_tiles)
     np.testing.assert_allclose(features[:, : plain.dim], plain(tissue_tiles), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(features[:, with_stats.stats_slice], image_statistics(tissue_tiles))
+    np.testing.assert_array_equal(features[:, with_stats.stats_slice], encoder_study.stats_of(tissue_tiles))
     assert with_stats.meta()["image_stats"] == list(IMAGE_STATS) and plain.meta()["image_stats"] is None
 
 
 def test_feature_cache_encodes_each_tile_once(tissue_tiles, tmp_path):
     path = tmp_path / "cache.npz"
-    cache = encoder_study.FeatureCache(image_statistics, len(IMAGE_STATS), path, "stats-v1")
+    cache = encoder_study.FeatureCache(encoder_study.stats_of, len(IMAGE_STATS), path, "stats-v1")
     first = cache(tissue_tiles)
     again = cache(tissue_tiles[::-1])
     assert cache.encoded == len(tissue_tiles)
     np.testing.assert_array_equal(again, first[::-1])
     cache.save()
-    reloaded = encoder_study.FeatureCache(image_statistics, len(IMAGE_STATS), path, "stats-v1")
+    reloaded = encoder_study.FeatureCache(encoder_study.stats_of, len(IMAGE_STATS), path, "stats-v1")
     np.testing.assert_array_equal(reloaded(tissue_tiles), first)
     assert reloaded.encoded == 0
-    other = encoder_study.FeatureCache(image_statistics, len(IMAGE_STATS), path, "stats-v2")  # other identity
+    other = encoder_study.FeatureCache(encoder_study.stats_of, len(IMAGE_STATS), path, "stats-v2")  # other identity
     other(tissue_tiles[:1])
     assert other.encoded == 1

@@ -164,6 +164,19 @@ def test_score_needs_no_config_the_scorer_carries_its_own(setup, tmp_path):
     assert loaded.config["tiles"]["size"] == 64 and loaded.encoder.name == "resnet18"
 
 
+def test_scorer_runs_under_either_cpu_runtime_with_its_fingerprint_and_scores(setup):
+    pytest.importorskip("onnxruntime")
+    root, cfg = setup
+    images = _crops(6, 7)
+    scored = {}
+    for runtime in ("torch", "onnxruntime"):
+        scorer = Scorer.load(root / "scorer", load_config(cfg, overrides={"encoder": {"cpu_runtime": runtime}}))
+        assert scorer.encoder.cpu_runtime == runtime
+        scored[runtime] = (scorer.fingerprint, scorer.score(scorer.encoder(images)))
+    assert scored["torch"][0] == scored["onnxruntime"][0]
+    np.testing.assert_allclose(scored["onnxruntime"][1], scored["torch"][1], rtol=1e-3)
+
+
 def test_scorer_of_another_format_is_refused_naming_the_fix(setup, tmp_path):
     root, _ = setup
     import shutil

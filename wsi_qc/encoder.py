@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from wsi_qc.catalogue import HUB_PREFIXES
 from wsi_qc.config import resolve_device
+from wsi_qc.cpu_runtime import CPU_RUNTIMES, ExportedNetwork, export_onnx
 from wsi_qc.errors import ConfigError
-from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics
+from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics, rgb_tensor
 from wsi_qc.weights import WEIGHT_PACKAGES, check_state_dict, read_weights, sha256_file, weights_file
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,17 @@ def _is_token_model(model: torch.nn.Module) -> bool:
     return getattr(model, "num_prefix_tokens", 0) > 0 and hasattr(model, "forward_intermediates")
 
 
+class _Network(torch.nn.Module):
+    """An encoder's network and feature pooling as one module, the part a CPU runtime runs."""
+
+    def __init__(self, encoder: "Encoder") -> None:
+        super().__init__()
+        self.model, self._features = encoder.model, encoder._features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._features(x)
+
+
 def _check_choice(what: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"encoder {what} {value!r} is not one of {', '.join(choices)}")
@@ -80,6 +92,8 @@ class Encoder:
     image statistics are always those of the tiles as given.
     image_stats: append cheap image statistics: per tile IMAGE_STATS (pooled); per position LOCAL_STATS plus the
     tile's IMAGE_STATS as context (grid), so that whole-tile changes (stain, JPEG, noise) reach every position.
+    cpu_runtime: what runs the network on the CPU: "torch", or its ONNX export in "onnxruntime" or "openvino"
+    (fp32, no torch.compile; the default config's choice is openvino, see benchmarks/runtimes.py); on CUDA, torch.
     """
 
     def __init__(
@@ -96,10 +110,12 @@ class Encoder:
         image_stats: bool = False,
         grid: int | None = None,
         input_size: int | None = None,
+        cpu_runtime: str = "torch",
     ) -> None:
         check_model_name(name)
         _check_choice("pooling", pooling, POOLINGS)
         _check_choice("precision", precision, PRECISIONS)
+        _check_choice("cpu_runtime", cpu_runtime, CPU_RUNTIMES)
         self.name = name
         self.weights = str(weights)
         self.pooling = pooling
@@ -107,10 +123,15 @@ class Encoder:
         self.grid = None if grid is None else int(grid)
         self.device = resolve_device(device, "encoder")
         self.precision = precision
-        self.channels_last = channels_last
         self.compile = compile
         self.model_kwargs = dict(model_kwargs or {})
         self.image_stats = bool(image_stats)
+        self.cpu_runtime = cpu_runtime if self.device.type == "cpu" else "torch"
+        self.channels_last = channels_last and self.cpu_runtime == "torch"  # an exported network takes NCHW
+        if self.cpu_runtime != "torch" and (precision != "fp32" or compile):
+            raise ConfigError(f"encoder cpu_runtime {cpu_runtime!r} runs the network in fp32 and uncompiled, but "
+                              f"precision={precision!r} and compile={compile!r}; set precision: fp32 and "
+                              f"compile: false, or cpu_runtime: torch")
 
         with torch.random.fork_rng(devices=[]):  # "random" weights are the same every time (seed 0)
             torch.manual_seed(0)
@@ -126,7 +147,7 @@ class Encoder:
         self._output_nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"  # timm's Format is a str enum
 
         model = model.eval().requires_grad_(False).to(self.device)
-        if channels_last:
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self._run = torch.compile(self._features) if compile else self._features
@@ -138,7 +159,10 @@ class Encoder:
             self.network_dim = int(self._features(probe).shape[1])
         n_stats = len(self._stats_names())
         self.dim = self.network_dim + n_stats
-        log.info("encoder %s (%s) dim=%d grid=%s on %s", name, self.weights, self.dim, self.grid, self.device)
+        if self.cpu_runtime != "torch":
+            self._run = ExportedNetwork(self.cpu_runtime, export_onnx(_Network(self), cfg["input_size"], self.meta()))
+        log.info("encoder %s (%s) dim=%d grid=%s on %s (%s)", name, self.weights, self.dim, self.grid, self.device,
+                 self.cpu_runtime)
 
     def _build(self) -> tuple[torch.nn.Module, str]:
         """Create the headless timm model with its weights; return it and the weights' identity."""
@@ -278,7 +302,7 @@ class Encoder:
             raise ConfigError(f"encoder input must be a uint8 numpy array (B, H, W, 3); got {seen}")
         size = tuple(self.data_config["input_size"][1:])
         with torch.inference_mode():
-            rgb = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+            rgb = rgb_tensor(images, self.device)
             x = rgb
             if tuple(x.shape[-2:]) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -286,15 +310,14 @@ class Encoder:
             x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 out = self._run(x)
-            out = out.float()
-            if self.grid is not None and self.image_stats:
-                out = torch.cat([out, local_statistics(rgb, self.grid)], dim=1)
-        out = out.cpu().numpy()
+            parts = [out.float()]
+            if self.image_stats:
+                stats = image_statistics(rgb)
+                if self.grid is None:
+                    parts.append(stats)
+                else:  # the tile's statistics as every position's context
+                    parts += [local_statistics(rgb, self.grid), stats[:, :, None, None].expand(-1, -1, *out.shape[2:])]
+            out = torch.cat(parts, dim=1).cpu().numpy()
         if self.grid is not None:
             out = np.ascontiguousarray(out.transpose(0, 2, 3, 1))
-        if self.image_stats:
-            stats = image_statistics(images)
-            if self.grid is not None:  # the tile's statistics as every position's context
-                stats = np.broadcast_to(stats[:, None, None, :], out.shape[:3] + stats.shape[1:])
-            out = np.concatenate([out, stats], axis=-1)
         return out

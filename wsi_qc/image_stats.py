@@ -1,5 +1,5 @@
-"""Cheap image statistics of tiles: per tile in numpy (`image_statistics`) and per map position in torch
-(`local_statistics`), appended to the encoder's features."""
+"""Cheap image statistics of tiles, in torch on the encoder's RGB tensor: per tile (`image_statistics`) and per
+map position (`local_statistics`), appended to the encoder's features."""
 
 from __future__ import annotations
 
@@ -30,49 +30,69 @@ IMAGE_STATS = (
 )
 
 
-def image_statistics(images: np.ndarray) -> np.ndarray:
-    """Per-tile statistics (B, len(IMAGE_STATS)) float32 of uint8 RGB tiles (B, H, W, 3); see IMAGE_STATS.
+def rgb_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 RGB tiles (B, H, W, 3) as the float RGB tensor (B, 3, H, W) in [0, 1] the statistics and encoder take."""
+    nchw = torch.from_numpy(images).to(device).permute(0, 3, 1, 2)
+    # planar in the same pass as the conversion: the statistics and the exported networks read channel planes
+    return nchw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
 
-    HED channels use scikit-image's Ruifrok-Johnston matrix (`hed_from_rgb`) on the optical density.
+
+def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (population) std over the last dimension; two passes, faster than torch.std on CPU."""
+    mean = x.mean(-1)
+    return mean, (x - mean[..., None]).square_().mean(-1).sqrt_()
+
+
+def _block_steps(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean grey step (B,) across 8-px block edges (steps j -> j + 1 with j % 8 == 7 along the last axis) and
+    elsewhere."""
+    edges = steps[..., 7::8]
+    n_edges, n_rest = edges[0].numel(), steps[0].numel() - edges[0].numel()
+    edge_sum = edges.sum((1, 2))
+    return edge_sum / n_edges, (steps.sum((1, 2)) - edge_sum) / n_rest
+
+
+def image_statistics(rgb: torch.Tensor) -> torch.Tensor:
+    """Per-tile statistics (B, len(IMAGE_STATS)) of RGB tiles (B, 3, H, W) in [0, 1]; see IMAGE_STATS.
+
+    Medians and percentiles are order statistics (the elements at rank n // 2 and int(0.99 (n - 1)) of n). HED
+    channels use scikit-image's Ruifrok-Johnston matrix (`hed_from_rgb`) on the optical density. In-place steps
+    on fresh buffers keep the per-pixel buffers few: on CPU, memory traffic costs more here than the arithmetic.
     """
     from skimage.color import hed_from_rgb
 
-    rgb = np.asarray(images, dtype=np.float32) * np.float32(1 / 255)
-    b = len(rgb)
-    r, g, bl = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    grey = 0.299 * r + 0.587 * g + 0.114 * bl
-    lap = 4 * grey[:, 1:-1, 1:-1] - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
-    lap = np.abs(lap.reshape(b, -1))
-    dx = np.abs(np.diff(grey, axis=2))  # step between columns j and j+1
-    dy = np.abs(np.diff(grey, axis=1))
-    edge_x = (np.arange(dx.shape[2]) % 8) == 7
-    edge_y = (np.arange(dy.shape[1]) % 8) == 7
-    across = dx[:, :, edge_x].mean((1, 2)) + dy[:, edge_y].mean((1, 2))
-    within = dx[:, :, ~edge_x].mean((1, 2)) + dy[:, ~edge_y].mean((1, 2))
-    high = np.maximum(np.maximum(r, g), bl).reshape(b, -1)
-    low = np.minimum(np.minimum(r, g), bl).reshape(b, -1)
-    sat = (high - low) / np.maximum(high, 1e-6)
-    od = -np.log(np.maximum(rgb.reshape(b, -1, 3), np.float32(1 / 255)))
-    od_pixel = od.mean(-1)
-    hed = np.maximum(od @ hed_from_rgb.astype(np.float32), 0)
+    b, _, h, w = rgb.shape
+    pixels = rgb.reshape(b, 3, h * w)
+    r, g, bl = pixels.unbind(1)
+    grey = torch.mul(r, 0.299).add_(g, alpha=0.587).add_(bl, alpha=0.114).view(b, h, w)
+    lap = grey[:, 1:-1, 1:-1] * 4
+    for shifted in (grey[:, :-2, 1:-1], grey[:, 2:, 1:-1], grey[:, 1:-1, :-2], grey[:, 1:-1, 2:]):
+        lap.sub_(shifted)
+    lap = lap.abs_().view(b, -1)
+    across_x, within_x = _block_steps((grey[:, :, 1:] - grey[:, :, :-1]).abs_())
+    across_y, within_y = _block_steps((grey[:, 1:] - grey[:, :-1]).abs_().transpose(1, 2))
+    high = torch.maximum(r, g).maximum(bl)
+    sat = torch.minimum(r, g).minimum(bl).neg_().add_(high).div_(high.clamp_min(1e-6))
     # H&E hues are pink to purple: red and blue above green. Ink and other dyes put green at or above one of them.
-    g, r, bl = g.reshape(b, -1), r.reshape(b, -1), bl.reshape(b, -1)
     off = (sat > 0.15) & ((g >= r) | (g >= bl))
-    half, top = lap.shape[1] // 2, int(0.99 * (od_pixel.shape[1] - 1))
+    od = pixels.clamp_min(1 / 255).log_().neg_()
+    od_pixel = od.mean(1)
+    n = od_pixel.shape[1]
+    m = hed_from_rgb.tolist()
+    od_r, od_g, od_b = od.unbind(1)
+    hematoxylin = torch.mul(od_r, m[0][0]).add_(od_g, alpha=m[1][0]).add_(od_b, alpha=m[2][0]).clamp_min_(0)
+    eosin = torch.mul(od_r, m[0][1]).add_(od_g, alpha=m[1][1]).add_(od_b, alpha=m[2][1]).clamp_min_(0)
     eps = 1e-6
-    stats = np.stack([
-        np.log(lap.var(1) + eps),
-        np.log(np.partition(lap, half, axis=1)[:, half] + eps),
-        np.log((across + eps) / (within + eps)),
-        sat.mean(1), sat.std(1),
-        high.mean(1), high.std(1),
-        od[..., 0].mean(1), od[..., 1].mean(1), od[..., 2].mean(1),
-        od_pixel.std(1), np.partition(od_pixel, top, axis=1)[:, top],
-        hed[..., 0].mean(1), hed[..., 0].std(1), hed[..., 1].mean(1), hed[..., 1].std(1),
-        (high < 0.3).mean(1), off.mean(1),
-    ], axis=1)
-    return stats.astype(np.float32)
-
+    return torch.stack([
+        torch.log(_mean_std(lap)[1].square() + eps),
+        torch.log(lap.kthvalue(lap.shape[1] // 2 + 1, dim=1).values + eps),
+        torch.log((across_x + across_y + eps) / (within_x + within_y + eps)),
+        *_mean_std(sat), *_mean_std(high),
+        *od.mean(2).unbind(1),
+        _mean_std(od_pixel)[1], od_pixel.topk(n - int(0.99 * (n - 1)), dim=1).values.amin(1),  # rank int(0.99 (n-1))
+        *_mean_std(hematoxylin), *_mean_std(eosin),
+        (high < 0.3).float().mean(1), off.float().mean(1),
+    ], dim=1)
 
 
 # Per-position statistics (appended to local features with image_stats=True), one channel each; each is the

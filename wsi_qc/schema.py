@@ -52,6 +52,7 @@ LIMITS: dict[str, Limit] = {
     "tiles.batch_size": AT_LEAST_1,
     "encoder.pooling": Limit(choices="wsi_qc.encoder:POOLINGS"),
     "encoder.precision": Limit(choices="wsi_qc.encoder:PRECISIONS"),
+    "encoder.cpu_runtime": Limit(choices="wsi_qc.cpu_runtime:CPU_RUNTIMES"),
     "encoder.levels": Limit(null=True),
     "encoder.grid": Limit(int, low=1, null=True),
     "encoder.input_size": Limit(int, low=8, null=True),

@@ -47,8 +47,8 @@ SCORER_FORMAT = 2  # bump when the scorer folder changes incompatibly
 COARSE_DIR = "coarse"  # the cascade's coarse pass, a scorer folder inside the scorer's
 # The config a scorer carries: these sections; all but their run-time keys are bound to it.
 SCORER_SECTIONS = ("encoder", "tiles", "flow", "score")
-RUNTIME_KEYS = {"encoder": ("device", "compile", "channels_last"), "tiles": ("workers", "batch_size", "overlap",
-                                                                            "min_tissue"),
+RUNTIME_KEYS = {"encoder": ("device", "compile", "channels_last", "cpu_runtime"),
+                "tiles": ("workers", "batch_size", "overlap", "min_tissue"),
                 "flow": ("device",), "score": ("kind", "aggregate")}
 
 
@@ -73,7 +73,7 @@ def encoder_from_config(config: dict) -> Encoder:
     return Encoder(e["name"], weights=e["weights"], pooling=e["pooling"], levels=e["levels"], device=e["device"],
                    precision=e["precision"], channels_last=e["channels_last"], compile=e["compile"],
                    model_kwargs=e["model_kwargs"], image_stats=e["image_stats"], grid=e.get("grid"),
-                   input_size=e.get("input_size"))
+                   input_size=e.get("input_size"), cpu_runtime=e["cpu_runtime"])
 
 
 def flow_from_config(config: dict) -> Flow:
