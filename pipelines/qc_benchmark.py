@@ -384,7 +384,8 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
             t0 = time.perf_counter()
             x = feats[fit_rows]
             if local:
-                candidates = {a: aggregate(local_maps(head, feats, fit_rows), a) for a in own["aggregates"]}
+                maps = local_maps(head, feats, fit_rows)
+                candidates = {a: aggregate(maps, a) for a in own["aggregates"]}
             else:
                 head.fit(x)
                 candidates = {"tile": head.score(feats)}
