@@ -41,7 +41,7 @@ from wsi_qc.errors import ConfigError
 from wsi_qc.flow import Flow
 from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS
 from wsi_qc.rl2 import tile_rl2
-from wsi_qc.scorer import aggregate, encode, batches, encoder_from_config
+from wsi_qc.scorer import RUNTIME_KEYS, aggregate, batches, encode, encoder_from_config
 from wsi_qc.slide import Slide
 from wsi_qc.threshold import conformal_threshold
 from wsi_qc.tiles import tile_slide
@@ -211,7 +211,8 @@ def collect(config: dict, own: dict, out: Path) -> TileSet:
 def features_of(ts: TileSet, config: dict, variant: dict, out: Path) -> np.ndarray:
     """Encoder features of every benchmark tile for one feature variant (cached under out/features)."""
     cfg = {**config, "encoder": {**config["encoder"], **variant}}
-    key = json.dumps({"encoder": cfg["encoder"], "tiles": config["tiles"], "n": len(ts.images),
+    bound = {k: v for k, v in cfg["encoder"].items() if k not in RUNTIME_KEYS["encoder"]}  # what sets the features
+    key = json.dumps({"encoder": bound, "tiles": config["tiles"], "n": len(ts.images),
                       "stats": [list(IMAGE_STATS), list(LOCAL_STATS)]}, sort_keys=True)
     tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = out / "features" / f"{tag}.npy"
