@@ -48,11 +48,15 @@ def test_exported_default_encoder_matches_eager_at_any_thread_count(runtime, eag
         two = encoder(images)
     finally:
         torch.set_num_threads(threads)
-    np.testing.assert_array_equal(one, two)  # run.threads changes nothing here
+    net = encoder.network_dim  # the exported network: bitwise the same; the torch image statistics: to rounding
+    np.testing.assert_array_equal(one[..., :net], two[..., :net])
+    np.testing.assert_allclose(one[..., net:], two[..., net:], rtol=1e-5, atol=1e-6)
     d = want.shape[-1]
     worst = np.abs(one - want).reshape(-1, d).max(0) / np.maximum(want.reshape(-1, d).std(0), 1e-6)
     assert worst.max() < TOLERANCE
-    np.testing.assert_array_equal(encoder(images[1:2]), one[1:2])  # another batch size than the export's
+    single = encoder(images[1:2])  # another batch size than the export's
+    np.testing.assert_array_equal(single[..., :net], one[1:2, ..., :net])
+    np.testing.assert_allclose(single[..., net:], one[1:2, ..., net:], rtol=1e-5, atol=1e-6)
     assert encoder.meta() == default_encoder(cpu_runtime="torch").meta()  # not part of the scorer's identity
 
 
