@@ -11,7 +11,8 @@ tile, every severity); the inked pen copies are real artifacts. Heads, all on th
 
 Reported on the test split only: AUROC overall and per artifact kind with 95 % bootstrap CIs that resample
 source tiles (all severities of a tile together), and the false-discard rate of clean test tiles at the
-label-free threshold (the conformal quantile of held-out reference tiles), for interior and edge tiles.
+label-free threshold (the conformal quantile of the tiles of held-out reference slides, as `wsi-qc fit-reference`
+holds them out), for interior and edge tiles.
 
     python -m pipelines.qc_benchmark --out out/qc_benchmark [--config configs/qc_benchmark.yaml]
 """
@@ -38,10 +39,10 @@ from wsi_qc.cascade import coarse_config, focus_values, settled, to_scale
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
 from wsi_qc.errors import ConfigError
-from wsi_qc.flow import Flow
+from wsi_qc.flow import Flow, held_out
 from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS
 from wsi_qc.rl2 import tile_rl2
-from wsi_qc.scorer import RUNTIME_KEYS, aggregate, batches, encode, encoder_from_config
+from wsi_qc.scorer import RUNTIME_KEYS, aggregate, batches, encode, encoder_from_config, holdout_groups
 from wsi_qc.slide import Slide
 from wsi_qc.threshold import conformal_threshold
 from wsi_qc.tiles import tile_slide
@@ -356,8 +357,9 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
     split = meta["split"]
     log.info("tiles: %s", {s: int((split == s).sum()) for s in SPLITS})
     ref = np.flatnonzero(split == "reference")
-    held = np.zeros(len(split), bool)
-    held[np.random.default_rng(own["seed"]).permutation(ref)[:int(round(own["calibration_fraction"] * len(ref)))]] = True
+    held = np.zeros(len(split), bool)  # whole reference slides, drawn as Scorer.fit draws its held-out slides
+    units = holdout_groups(meta["slide"][ref], len(ref))
+    held[ref[held_out(units, own["calibration_fraction"], np.random.default_rng(own["seed"]))]] = True
     fit_rows = (split == "reference") & ~held
     results = {"counts": {s: {"clean": int(((split == s) & (meta["label"] == 0)).sum()),
                               "bad": int(((split == s) & (meta["label"] == 1)).sum())} for s in SPLITS},

@@ -102,3 +102,18 @@ def test_local_encoder_appends_position_and_tile_statistics(tissue_tiles):
     tile_stats = statistics(tissue_tiles)[:, None, None]
     want_tile = np.broadcast_to(tile_stats, local.shape[:3] + tile_stats.shape[-1:])
     np.testing.assert_array_equal(features[..., -len(IMAGE_STATS):], want_tile)
+
+
+def test_dark_neutral_fraction_matches_its_definition_and_sees_debris(tissue_tiles):
+    col = LOCAL_STATS.index("dark_neutral_fraction")
+    rng = np.random.default_rng(0)
+    debris = np.stack([make_artifact(t, "debris", 3, rng) for t in tissue_tiles])  # dark specks and fibres
+    with torch.inference_mode():
+        clean = local_statistics(rgb_tensor(tissue_tiles), 4)[:, col].numpy()
+        got = local_statistics(rgb_tensor(debris), 4)[:, col].numpy()
+    hsv = rgb2hsv(debris)
+    dark = (hsv[..., 2] < 0.4) & (hsv[..., 1] < 0.4)
+    want = dark.reshape(len(debris), 4, 24, 4, 24).mean((2, 4))  # 96 px tiles, 4 x 4 cells of 24 px
+    np.testing.assert_allclose(got, want, atol=4e-3)  # a pixel or two of 576 at a threshold may flip (float32)
+    assert clean.max() < 0.01  # stained tissue is dark only where it is saturated
+    assert (got.max((1, 2)) > 0.05).all() and (got.sum((1, 2)) > 5 * clean.sum((1, 2))).all()

@@ -189,6 +189,18 @@ def test_scorer_of_another_format_is_refused_naming_the_fix(setup, tmp_path):
         Scorer.load(tmp_path / "old")
 
 
+def test_scorer_of_other_image_statistics_is_refused_naming_the_fix(setup, tmp_path):
+    root, _ = setup
+    import shutil
+
+    shutil.copytree(root / "scorer", tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "meta.json").read_text())
+    meta["encoder"]["image_stats"].remove("dark_neutral_fraction")  # as wsi-qc 0.1.0 wrote a local scorer
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="image statistics.*dark_neutral_fraction.*refit"):
+        Scorer.load(tmp_path / "old")
+
+
 def test_aggregate_rules():
     maps = np.arange(2 * 4 * 5, dtype=np.float32).reshape(2, 4, 5)
     np.testing.assert_array_equal(aggregate(maps, "max"), [19, 39])

@@ -73,6 +73,16 @@ class _Network(torch.nn.Module):
         return self._features(x)
 
 
+def stats_names(image_stats: bool, grid: int | None) -> tuple[str, ...]:
+    """Names of the image-statistics columns of an encoder: per tile IMAGE_STATS; per position (grid) LOCAL_STATS
+    and, as the position's context, its tile's IMAGE_STATS ("tile_" names); none without image_stats."""
+    if not image_stats:
+        return ()
+    if grid is None:
+        return IMAGE_STATS
+    return LOCAL_STATS + tuple(f"tile_{name}" for name in IMAGE_STATS)
+
+
 def _check_choice(what: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"encoder {what} {value!r} is not one of {', '.join(choices)}")
@@ -157,7 +167,7 @@ class Encoder:
         with torch.inference_mode():  # the feature width, whatever the head does
             probe = torch.zeros(1, *cfg["input_size"], device=self.device)
             self.network_dim = int(self._features(probe).shape[1])
-        n_stats = len(self._stats_names())
+        n_stats = len(stats_names(self.image_stats, self.grid))
         self.dim = self.network_dim + n_stats
         if self.cpu_runtime != "torch":
             self._run = ExportedNetwork(self.cpu_runtime, export_onnx(_Network(self), cfg["input_size"], self.meta()))
@@ -235,7 +245,7 @@ class Encoder:
 
     def meta(self) -> dict:
         """JSON-able identity of the encoder, stored with every fitted scorer."""
-        stats = self._stats_names()
+        stats = stats_names(self.image_stats, self.grid)
         return {
             "name": self.name,
             "weights": self.weights,
@@ -251,14 +261,6 @@ class Encoder:
             "timm_version": timm.__version__,
         }
 
-    def _stats_names(self) -> tuple[str, ...]:
-        """Names of the image-statistics columns: per tile IMAGE_STATS; per position LOCAL_STATS and, as the
-        position's context, its tile's IMAGE_STATS ("tile_" names)."""
-        if not self.image_stats:
-            return ()
-        if self.grid is None:
-            return IMAGE_STATS
-        return LOCAL_STATS + tuple(f"tile_{name}" for name in IMAGE_STATS)
 
     def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         if fmap.ndim != 4:

@@ -90,6 +90,14 @@ def _build_inn(dim: int, n_blocks: int, hidden: int, clamp: float,
     return inn
 
 
+def held_out(groups: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Which rows are held out of fitting: round(fraction x number of groups) whole groups drawn with `rng`, at
+    least one group kept."""
+    names = np.unique(groups)
+    held = rng.permutation(names)[:min(int(round(len(names) * fraction)), len(names) - 1)]
+    return np.isin(groups, held)
+
+
 def _check_finite(features: np.ndarray, what: str) -> None:
     bad = ~np.isfinite(features).all(axis=1)
     if bad.any():
@@ -207,9 +215,7 @@ class Flow:
         features, groups = self._check_reference(features, groups, tiles)
         n, d = features.shape
         rng = np.random.default_rng(self.seed)
-        names = np.unique(groups)
-        held = rng.permutation(names)[:min(int(round(len(names) * self.val_fraction)), len(names) - 1)]
-        is_val = np.isin(groups, held)
+        is_val = held_out(groups, self.val_fraction, rng)
         self.val_rows_ = np.flatnonzero(is_val)
         train, val = features[~is_val], features[is_val]
         train = train[rng.permutation(len(train))]

@@ -106,7 +106,10 @@ LOCAL_STATS = (
     "od_blue",
     "dark_fraction",         # pixels with HSV value < 0.3 (debris, ink, bubble rims)
     "off_palette_fraction",  # saturated pixels with a hue outside H&E's pink-purple (pen)
+    "dark_neutral_fraction",  # dark, greyish pixels (HSV value < 0.4, saturation < 0.4): dust, debris, foreign
+                              # bodies, black ink; stained nuclei are darker only where they are saturated
 )
+DARK_NEUTRAL = (0.4, 0.4)  # HSV value and saturation below which a pixel counts as dark neutral
 
 
 def local_statistics(rgb: torch.Tensor, grid: int) -> torch.Tensor:
@@ -119,6 +122,7 @@ def local_statistics(rgb: torch.Tensor, grid: int) -> torch.Tensor:
     sat = (high - rgb.amin(1, keepdim=True)) / high.clamp_min(1e-6)
     od = -torch.log(rgb.clamp_min(1 / 255))
     off = ((sat > 0.15) & ((g >= r) | (g >= b))).float()
-    pixels = torch.cat([lap * lap, sat, high, od, (high < 0.3).float(), off], dim=1)
+    neutral = ((high < DARK_NEUTRAL[0]) & (sat < DARK_NEUTRAL[1])).float()
+    pixels = torch.cat([lap * lap, sat, high, od, (high < 0.3).float(), off, neutral], dim=1)
     cells = F.adaptive_avg_pool2d(pixels, grid)
     return torch.cat([torch.log(cells[:, :1] + 1e-6), cells[:, 1:]], dim=1)

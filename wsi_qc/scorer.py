@@ -30,9 +30,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from wsi_qc import __version__
 from wsi_qc.cascade import PASSES, coarse_config, focus_values, in_range, settled, to_scale, upsample
 from wsi_qc.config import load_config
-from wsi_qc.encoder import Encoder
+from wsi_qc.encoder import Encoder, stats_names
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import META_FILE, Flow
 from wsi_qc.rl2 import tile_rl2
@@ -65,6 +66,14 @@ def aggregate(maps: np.ndarray, how: str) -> np.ndarray:
         raise ConfigError(f"score.aggregate={how!r} is unknown; use max, mean or topK (K = 1..100, e.g. top5)")
     k = max(1, int(round(flat.shape[1] * int(match[1]) / 100)))
     return np.partition(flat, flat.shape[1] - k, axis=1)[:, -k:].mean(1)
+
+
+def holdout_groups(groups, n: int) -> np.ndarray:
+    """The unit of each of n reference tiles for the held-out split: its group (slide) when there are at least 3
+    groups, else the tile itself."""
+    if groups is not None and len(np.unique(groups)) >= 3:
+        return np.unique(np.asarray(groups), return_inverse=True)[1]
+    return np.arange(n)
 
 
 def encoder_from_config(config: dict) -> Encoder:
@@ -264,6 +273,11 @@ def _check_meta(meta: dict, path: Path) -> None:
             isinstance(config.get(s), dict) for s in SCORER_SECTIONS) or not isinstance(meta.get("encoder"), dict):
         raise ConfigError(f"scorer {path}/meta.json lacks its kind, encoder or config sections "
                           f"({', '.join(SCORER_SECTIONS)}); refit it with wsi-qc fit-reference")
+    saved = meta["encoder"].get("image_stats") or []
+    now = list(stats_names(bool(saved), meta["encoder"].get("grid")))
+    if saved != now:
+        raise ConfigError(f"scorer {path} was fitted with the image statistics {saved} but wsi-qc {__version__} "
+                          f"computes {now}; refit it with wsi-qc fit-reference")
 
 
 def _plain(value):
@@ -297,9 +311,7 @@ class Scorer:
         """
         features = np.asarray(features, dtype=np.float32)
         n = len(features)
-        tile_groups = np.arange(n)
-        if groups is not None and len(np.unique(groups)) >= 3:
-            tile_groups = np.unique(np.asarray(groups), return_inverse=True)[1]
+        tile_groups = holdout_groups(groups, n)
         per_tile = int(np.prod(features.shape[1:-1])) if features.ndim == 4 else 1
         rows = features.reshape(-1, features.shape[-1])
         flow = flow_from_config(config).fit(rows, groups=np.repeat(tile_groups, per_tile),
