@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/runtimes.py
 	$(BIN)/python benchmarks/batch.py
+	$(BIN)/python benchmarks/slide.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -184,6 +184,27 @@ def test_batches_from_two_workers_equal_single_process_reads(example_slide):
     np.testing.assert_array_equal(np.concatenate([i for i, _ in parallel]), np.arange(len(tiles)))
 
 
+def test_first_batch_is_read_in_process_and_the_rest_by_workers(example_slide, monkeypatch):
+    from wsi_qc import tiles as tiles_mod
+
+    tiles = _first_tiles(example_slide)  # 40 tiles
+    made = []
+    plain = tiles_mod.DataLoader
+
+    def counting(dataset, **kwargs):
+        made.append(len(dataset))
+        return plain(dataset, **kwargs)
+
+    monkeypatch.setattr(tiles_mod, "DataLoader", counting)
+    batches = list(iter_tile_batches(example_slide, tiles, batch_size=16, workers=2))
+    assert made == [len(tiles) - 16]  # the workers read all but the first batch
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in batches]), np.arange(len(tiles)))
+    made.clear()
+    one = list(iter_tile_batches(example_slide, tiles, batch_size=64, workers=2))
+    assert made == [] and [len(i) for i, _ in one] == [len(tiles)]  # one batch: no worker processes started
+    np.testing.assert_array_equal(one[0][1], np.concatenate([b for _, b in batches]))
+
+
 def test_batches_from_an_open_slide_and_an_array_slide(example_slide):
     tiles = _first_tiles(example_slide, n=20)
     reference = np.concatenate([b for _, b in iter_tile_batches(example_slide, tiles, batch_size=8, workers=0)])

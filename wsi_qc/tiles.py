@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from wsi_qc.errors import ConfigError, SlideError
 from wsi_qc.slide import Slide
@@ -154,40 +154,40 @@ def iter_tile_batches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (index int64 (B,), images uint8 (B, size, size, 3)) over all tiles, in order.
 
-    With workers > 0 the tiles are read by DataLoader worker processes that open the slide by path;
-    a Slide given here passes its path and mpp on. An in-memory slide (no path) is read in this process.
+    With workers > 0 the first batch is read in this process (no wait for processes to start; a slide of one
+    batch starts none) and the others by DataLoader worker processes that open the slide by path; a Slide
+    given here passes its path and mpp on. An in-memory slide (no path) is read in this process.
     """
     if batch_size <= 0 or workers < 0:
         raise ConfigError(f"batch_size must be > 0 and workers >= 0, got {batch_size!r} and {workers!r}")
+    path, slide_mpp = (slide.path, slide.mpp) if isinstance(slide, Slide) else (Path(slide), slide_mpp)
+    first = len(tiles) if workers == 0 or path is None else min(batch_size, len(tiles))
     if isinstance(slide, Slide):
-        if workers == 0 or slide.path is None:
-            yield from _read_batches(slide, tiles, batch_size)
-            return
-        path, slide_mpp = slide.path, slide.mpp
+        yield from _read_batches(slide, tiles, batch_size, stop=first)
     else:
-        path = Path(slide)
-        if workers == 0:
-            with Slide(path, mpp=slide_mpp) as opened:
-                yield from _read_batches(opened, tiles, batch_size)
-            return
+        with Slide(path, mpp=slide_mpp) as opened:
+            yield from _read_batches(opened, tiles, batch_size, stop=first)
+    if first == len(tiles):
+        return
     loader = DataLoader(
-        TileDataset(path, tiles, slide_mpp),
+        Subset(TileDataset(path, tiles, slide_mpp), range(first, len(tiles))),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=_stack,
         prefetch_factor=2,
     )
-    start = 0
+    start = first
     for images in loader:  # DataLoader keeps batch order with workers, so indices follow from the count
         yield np.arange(start, start + len(images), dtype=np.int64), images.numpy()
         start += len(images)
 
 
-def _read_batches(slide: Slide, tiles: Tiles, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _read_batches(slide: Slide, tiles: Tiles, batch_size: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of the tiles before `stop`, read in this process."""
     size = (tiles.size, tiles.size)
-    for start in range(0, len(tiles), batch_size):
-        index = np.arange(start, min(start + batch_size, len(tiles)), dtype=np.int64)
+    for start in range(0, stop, batch_size):
+        index = np.arange(start, min(start + batch_size, stop), dtype=np.int64)
         images = np.stack([slide.read_region((int(x), int(y)), size, tiles.mpp) for x, y in tiles.coords[index]])
         yield index, images
 
