@@ -129,6 +129,23 @@ def test_log_det_matches_the_jacobian():
     np.testing.assert_allclose(flow.nll(x[:3]), manual.detach().numpy(), rtol=1e-4)
 
 
+def test_flow_blocks_compute_what_freias_block_computes_bitwise():
+    import FrEIA.modules as Fm
+
+    x = np.random.default_rng(5).standard_normal((3000, 40)).astype(np.float32) * 2 + 1
+    flow = Flow(n_blocks=3, hidden=32, epochs=4, patience=3, min_reference=10).fit(x)
+    u = flow._prepare(x, torch.device("cpu"))
+    with torch.inference_mode():
+        ours = flow.inn_(u)
+        back = flow.inn_(ours[0], rev=True)
+        for block in flow.inn_.module_list:  # the same weights in FrEIA's own block
+            block.__class__ = Fm.AllInOneBlock
+        theirs = flow.inn_(u)
+        their_back = flow.inn_(theirs[0], rev=True)
+    for a, b in zip(ours + back, theirs + their_back):
+        assert torch.equal(a, b)
+
+
 def test_same_seed_same_scores_other_seed_other_scores():
     x = lowrank_features(120, np.random.default_rng(5), d=32, rank=4)
     a = Flow(**SMALL, seed=7).fit(x).transform(x)
