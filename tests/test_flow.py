@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from wsi_qc import __version__
 from wsi_qc.errors import ConfigError, NotFittedError
-from wsi_qc.flow import FORMAT_VERSION, Flow
+from wsi_qc.flow import FORMAT_VERSION, Flow, held_out
 from wsi_qc.rl2 import tile_rl2
 
 SMALL = dict(n_blocks=2, hidden=64, epochs=5, min_reference=10)
@@ -144,6 +144,14 @@ def test_flow_blocks_compute_what_freias_block_computes_bitwise():
         their_back = flow.inn_(theirs[0], rev=True)
     for a, b in zip(ours + back, theirs + their_back):
         assert torch.equal(a, b)
+
+
+def test_held_out_rows_are_whole_groups_and_one_group_is_always_kept():
+    groups = np.repeat(np.array(["s0", "s1", "s2", "s3", "s4"]), 10)
+    held = held_out(groups, 0.4, np.random.default_rng(0))
+    assert held.sum() == 20 and all(len(set(held[groups == g])) == 1 for g in np.unique(groups))
+    assert np.array_equal(held, held_out(groups, 0.4, np.random.default_rng(0)))  # seeded
+    assert not held_out(np.zeros(10), 0.9, np.random.default_rng(0)).any()  # a single group is never held out
 
 
 def test_same_seed_same_scores_other_seed_other_scores():

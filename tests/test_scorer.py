@@ -16,7 +16,7 @@ from wsi_qc import cli
 from wsi_qc.config import load_config
 from wsi_qc.data import _stain_images
 from wsi_qc.errors import ConfigError
-from wsi_qc.scorer import Scorer, aggregate, encoder_from_config, folder_features
+from wsi_qc.scorer import Scorer, aggregate, encoder_from_config, folder_features, holdout_groups
 
 SMALL = {"encoder": {"name": "resnet18", "weights": "random"}, "tiles": {"size": 64, "batch_size": 32, "workers": 0},
          "flow": {"n_blocks": 2, "hidden": 64, "epochs": 15, "patience": 5, "min_reference": 20},
@@ -199,6 +199,13 @@ def test_scorer_of_other_image_statistics_is_refused_naming_the_fix(setup, tmp_p
     (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="image statistics.*dark_neutral_fraction.*refit"):
         Scorer.load(tmp_path / "old")
+
+
+def test_holdout_groups_are_slides_from_three_on_else_tiles():
+    slides = np.array(["b", "a", "b", "c", "a"])
+    assert np.array_equal(holdout_groups(slides, 5), [1, 0, 1, 2, 0])  # whole slides
+    assert np.array_equal(holdout_groups(slides[:3], 3), [0, 1, 2])  # two slides: single tiles
+    assert np.array_equal(holdout_groups(None, 4), np.arange(4))
 
 
 def test_aggregate_rules():
