@@ -261,7 +261,6 @@ class Encoder:
             "timm_version": timm.__version__,
         }
 
-
     def _pool(self, fmap: torch.Tensor) -> torch.Tensor:
         if fmap.ndim != 4:
             raise ConfigError(
