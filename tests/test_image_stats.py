@@ -12,7 +12,8 @@ from skimage.data import immunohistochemistry
 
 from wsi_qc.artifacts import make_artifact
 from wsi_qc.encoder import Encoder
-from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics, rgb_tensor
+from wsi_qc.image_stats import (IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics, pixel_planes,
+                                rgb_tensor)
 
 COL = {name: i for i, name in enumerate(IMAGE_STATS)}
 FRACTIONS = [COL["dark_fraction"], COL["off_palette_fraction"]]
@@ -73,6 +74,35 @@ def test_statistics_match_a_float64_reference(source, tissue_tiles):
     np.testing.assert_allclose(got[:, FRACTIONS], want[:, FRACTIONS], atol=1e-3)
 
 
+def local_reference(tile: np.ndarray, grid: int) -> np.ndarray:
+    """LOCAL_STATS (len, grid, grid) of one uint8 tile in float64, from scipy's Laplacian (edges replicated) and
+    scikit-image's HSV; the tile's side must be a multiple of grid."""
+    rgb = tile / 255.0
+    lap = ndimage.laplace(rgb @ [0.299, 0.587, 0.114], mode="nearest")
+    hsv = rgb2hsv(tile)
+    sat, value = hsv[..., 1], hsv[..., 2]
+    od = -np.log(np.maximum(rgb, 1 / 255))
+    off = (sat > 0.15) & ((rgb[..., 1] >= rgb[..., 0]) | (rgb[..., 1] >= rgb[..., 2]))
+    planes = [lap ** 2, sat, value, *od.transpose(2, 0, 1), value < 0.3, off, (value < 0.4) & (sat < 0.4)]
+    c = tile.shape[0] // grid
+    cells = np.stack([np.asarray(p, np.float64).reshape(grid, c, grid, c).mean((1, 3)) for p in planes])
+    cells[0] = np.log(cells[0] + 1e-6)
+    return cells
+
+
+@pytest.mark.parametrize("source", ["example slide", "ihc"])
+def test_local_statistics_match_a_float64_reference(source, tissue_tiles):
+    tiles = tissue_tiles if source == "example slide" else ihc_tiles(4, 96)
+    with torch.inference_mode():
+        got = local_statistics(rgb_tensor(tiles), 4).numpy()
+    want = np.stack([local_reference(t, 4) for t in tiles])
+    assert got.shape == (len(tiles), len(LOCAL_STATS), 4, 4) and got.dtype == np.float32
+    fractions = [LOCAL_STATS.index(n) for n in ("dark_fraction", "off_palette_fraction", "dark_neutral_fraction")]
+    rest = [i for i in range(len(LOCAL_STATS)) if i not in fractions]
+    np.testing.assert_allclose(got[:, rest], want[:, rest], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got[:, fractions], want[:, fractions], atol=4e-3)  # a pixel or two of 576 may flip
+
+
 def test_statistics_respond_to_their_artifacts(tissue_tiles):
     stats = statistics(tissue_tiles)
     rng = np.random.default_rng(0)
@@ -88,7 +118,17 @@ def test_statistics_leave_their_input_alone():
     rgb = rgb_tensor(ihc_tiles(1, 64))  # one tile: the per-channel copy must still be a copy
     before = rgb.clone()
     image_statistics(rgb)
+    local_statistics(rgb, 4)
     assert torch.equal(rgb, before)
+
+
+def test_statistics_from_shared_pixel_planes_equal_their_own(tissue_tiles):
+    rgb = rgb_tensor(tissue_tiles)
+    with torch.inference_mode():
+        pixels = pixel_planes(rgb)
+        tile, local = image_statistics(rgb, pixels), local_statistics(rgb, 4, pixels)
+        assert torch.equal(tile, image_statistics(rgb)) and torch.equal(local, local_statistics(rgb, 4))
+        assert torch.equal(local_statistics(rgb, 4, pixels), local)  # the shared planes are left as they were
 
 
 def test_local_encoder_appends_position_and_tile_statistics(tissue_tiles):

@@ -22,7 +22,8 @@ from wsi_qc.catalogue import HUB_PREFIXES
 from wsi_qc.config import resolve_device
 from wsi_qc.cpu_runtime import CPU_RUNTIMES, ExportedNetwork, export_onnx
 from wsi_qc.errors import ConfigError
-from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics, rgb_tensor
+from wsi_qc.image_stats import (IMAGE_STATS, LOCAL_STATS, image_statistics, local_statistics, pixel_planes,
+                                rgb_tensor)
 from wsi_qc.weights import WEIGHT_PACKAGES, check_state_dict, read_weights, sha256_file, weights_file
 
 log = logging.getLogger(__name__)
@@ -313,11 +314,13 @@ class Encoder:
                 out = self._run(x)
             parts = [out.float()]
             if self.image_stats:
-                stats = image_statistics(rgb)
+                pixels = pixel_planes(rgb)
+                stats = image_statistics(rgb, pixels)
                 if self.grid is None:
                     parts.append(stats)
                 else:  # the tile's statistics as every position's context
-                    parts += [local_statistics(rgb, self.grid), stats[:, :, None, None].expand(-1, -1, *out.shape[2:])]
+                    parts += [local_statistics(rgb, self.grid, pixels),
+                              stats[:, :, None, None].expand(-1, -1, *out.shape[2:])]
             out = torch.cat(parts, dim=1).cpu().numpy()
         if self.grid is not None:
             out = np.ascontiguousarray(out.transpose(0, 2, 3, 1))

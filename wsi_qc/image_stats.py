@@ -3,6 +3,8 @@ map position (`local_statistics`), appended to the encoder's features."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -52,30 +54,50 @@ def _block_steps(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return edge_sum / n_edges, (steps.sum((1, 2)) - edge_sum) / n_rest
 
 
-def image_statistics(rgb: torch.Tensor) -> torch.Tensor:
-    """Per-tile statistics (B, len(IMAGE_STATS)) of RGB tiles (B, 3, H, W) in [0, 1]; see IMAGE_STATS.
+class Pixels(NamedTuple):
+    """Per-pixel planes of RGB tiles that both kinds of statistics read, computed once per batch (`pixel_planes`)."""
 
-    Medians and percentiles are order statistics (the elements at rank n // 2 and int(0.99 (n - 1)) of n). HED
-    channels use scikit-image's Ruifrok-Johnston matrix (`hed_from_rgb`) on the optical density. In-place steps
-    on fresh buffers keep the per-pixel buffers few: on CPU, memory traffic costs more here than the arithmetic.
-    """
-    from skimage.color import hed_from_rgb
+    grey: torch.Tensor  # (B, H, W) grey level (ITU-R 601 luma)
+    lap: torch.Tensor   # (B, H, W) its 4-neighbour Laplacian, edges replicated
+    high: torch.Tensor  # (B, H, W) HSV value (the largest channel)
+    sat: torch.Tensor   # (B, H, W) HSV saturation
+    off: torch.Tensor   # (B, H, W) bool: saturated with a hue outside H&E's pink-purple
+    od: torch.Tensor    # (B, 3, H, W) optical density per channel
 
-    b, _, h, w = rgb.shape
-    pixels = rgb.reshape(b, 3, h * w)
-    r, g, bl = pixels.unbind(1)
-    grey = torch.mul(r, 0.299).add_(g, alpha=0.587).add_(bl, alpha=0.114).view(b, h, w)
-    lap = grey[:, 1:-1, 1:-1] * 4
-    for shifted in (grey[:, :-2, 1:-1], grey[:, 2:, 1:-1], grey[:, 1:-1, :-2], grey[:, 1:-1, 2:]):
+
+def pixel_planes(rgb: torch.Tensor) -> Pixels:
+    """The per-pixel planes of RGB tiles (B, 3, H, W) in [0, 1]. In-place steps on fresh buffers keep the buffers
+    few: on CPU, memory traffic costs more here than the arithmetic."""
+    r, g, bl = rgb.unbind(1)
+    grey = torch.mul(r, 0.299).add_(g, alpha=0.587).add_(bl, alpha=0.114)
+    padded = F.pad(grey[:, None], (1, 1, 1, 1), mode="replicate")[:, 0]
+    lap = padded[:, 1:-1, 1:-1] * 4
+    for shifted in (padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]):
         lap.sub_(shifted)
-    lap = lap.abs_().view(b, -1)
-    across_x, within_x = _block_steps((grey[:, :, 1:] - grey[:, :, :-1]).abs_())
-    across_y, within_y = _block_steps((grey[:, 1:] - grey[:, :-1]).abs_().transpose(1, 2))
     high = torch.maximum(r, g).maximum(bl)
     sat = torch.minimum(r, g).minimum(bl).neg_().add_(high).div_(high.clamp_min(1e-6))
     # H&E hues are pink to purple: red and blue above green. Ink and other dyes put green at or above one of them.
     off = (sat > 0.15) & ((g >= r) | (g >= bl))
-    od = pixels.clamp_min(1 / 255).log_().neg_()
+    return Pixels(grey, lap, high, sat, off, rgb.clamp_min(1 / 255).log_().neg_())
+
+
+def image_statistics(rgb: torch.Tensor, pixels: Pixels | None = None) -> torch.Tensor:
+    """Per-tile statistics (B, len(IMAGE_STATS)) of RGB tiles (B, 3, H, W) in [0, 1]; see IMAGE_STATS. `pixels`:
+    their `pixel_planes`, when already computed.
+
+    Medians and percentiles are order statistics (the elements at rank n // 2 and int(0.99 (n - 1)) of n). The
+    Laplacian statistics use interior pixels only. HED channels use scikit-image's Ruifrok-Johnston matrix
+    (`hed_from_rgb`) on the optical density.
+    """
+    from skimage.color import hed_from_rgb
+
+    px = pixel_planes(rgb) if pixels is None else pixels
+    b, _, h, w = rgb.shape
+    lap = px.lap[:, 1:-1, 1:-1].abs().view(b, -1)
+    across_x, within_x = _block_steps((px.grey[:, :, 1:] - px.grey[:, :, :-1]).abs_())
+    across_y, within_y = _block_steps((px.grey[:, 1:] - px.grey[:, :-1]).abs_().transpose(1, 2))
+    high, sat, off = px.high.reshape(b, -1), px.sat.reshape(b, -1), px.off.reshape(b, -1)
+    od = px.od.reshape(b, 3, h * w)
     od_pixel = od.mean(1)
     n = od_pixel.shape[1]
     m = hed_from_rgb.tolist()
@@ -112,17 +134,11 @@ LOCAL_STATS = (
 DARK_NEUTRAL = (0.4, 0.4)  # HSV value and saturation below which a pixel counts as dark neutral
 
 
-def local_statistics(rgb: torch.Tensor, grid: int) -> torch.Tensor:
-    """Per-position statistics (B, len(LOCAL_STATS), grid, grid) of RGB tiles (B, 3, H, W) in [0, 1]."""
-    r, g, b = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
-    grey = 0.299 * r + 0.587 * g + 0.114 * b
-    kernel = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]], device=rgb.device).view(1, 1, 3, 3)
-    lap = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernel)
-    high = rgb.amax(1, keepdim=True)
-    sat = (high - rgb.amin(1, keepdim=True)) / high.clamp_min(1e-6)
-    od = -torch.log(rgb.clamp_min(1 / 255))
-    off = ((sat > 0.15) & ((g >= r) | (g >= b))).float()
-    neutral = ((high < DARK_NEUTRAL[0]) & (sat < DARK_NEUTRAL[1])).float()
-    pixels = torch.cat([lap * lap, sat, high, od, (high < 0.3).float(), off, neutral], dim=1)
-    cells = F.adaptive_avg_pool2d(pixels, grid)
+def local_statistics(rgb: torch.Tensor, grid: int, pixels: Pixels | None = None) -> torch.Tensor:
+    """Per-position statistics (B, len(LOCAL_STATS), grid, grid) of RGB tiles (B, 3, H, W) in [0, 1]. `pixels`:
+    their `pixel_planes`, when already computed."""
+    px = pixel_planes(rgb) if pixels is None else pixels
+    neutral = (px.high < DARK_NEUTRAL[0]) & (px.sat < DARK_NEUTRAL[1])
+    planes = [px.lap.square(), px.sat, px.high, px.od, px.high < 0.3, px.off, neutral]
+    cells = torch.cat([F.adaptive_avg_pool2d((p if p.ndim == 4 else p[:, None]).float(), grid) for p in planes], 1)
     return torch.cat([torch.log(cells[:, :1] + 1e-6), cells[:, 1:]], dim=1)
