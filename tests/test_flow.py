@@ -146,6 +146,35 @@ def test_flow_blocks_compute_what_freias_block_computes_bitwise():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_openvino_scoring_matches_the_fitted_flow(tmp_path, threads):
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((3000, 40)) @ rng.standard_normal((40, 40))).astype(np.float32) + 1
+    flow = Flow(n_blocks=3, hidden=32, epochs=6, patience=3, min_reference=10).fit(x)
+    block = flow.inn_.module_list[0]
+    assert block.global_offset.abs().max() > 1e-3  # fitted scales and offsets, folded into the rotations
+    z, log_jac = flow.latent_and_log_jac(x)
+    flow.save(tmp_path / "flow", {})
+    loaded, _ = Flow.load(tmp_path / "flow", cpu_runtime="openvino")
+    torch.set_num_threads(threads)
+    try:
+        got_z, got_jac = loaded.latent_and_log_jac(x)
+        np.testing.assert_allclose(got_z, z, atol=2e-5)
+        np.testing.assert_allclose(got_jac, log_jac, atol=2e-5 * np.abs(log_jac).max())
+        np.testing.assert_allclose(tile_rl2(got_z, loaded.mu_), tile_rl2(z, flow.mu_), rtol=1e-5)
+        other = x[:, ::-1] * 2  # a refit scores with its own weights, not the last compiled ones
+        loaded.fit(other)
+        flow.fit(other)
+        np.testing.assert_allclose(loaded.transform(other), flow.transform(other), atol=2e-5)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_unknown_cpu_runtime_is_refused():
+    with pytest.raises(ConfigError, match="onnx.*torch, openvino"):
+        Flow(cpu_runtime="onnx")
+
+
 def test_held_out_rows_are_whole_groups_and_one_group_is_always_kept():
     groups = np.repeat(np.array(["s0", "s1", "s2", "s3", "s4"]), 10)
     held = held_out(groups, 0.4, np.random.default_rng(0))

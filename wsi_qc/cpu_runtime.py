@@ -58,7 +58,7 @@ def export_onnx(module: torch.nn.Module, input_size: list[int], identity: dict) 
     return path
 
 
-def _import(runtime: str):
+def import_runtime(runtime: str):
     try:
         return importlib.import_module(runtime)
     except ImportError as exc:
@@ -72,7 +72,7 @@ class ExportedNetwork:
 
     def __init__(self, runtime: str, path: Path) -> None:
         self.runtime, self.path = runtime, path
-        self._module = _import(runtime)
+        self._module = import_runtime(runtime)
         self._sessions: dict[int, object] = {}
 
     def _session(self, threads: int):

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import FrEIA.framework as Ff
@@ -40,10 +41,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from wsi_qc import __version__
 from wsi_qc.config import resolve_device
+from wsi_qc.cpu_runtime import import_runtime
 from wsi_qc.errors import ConfigError, NotFittedError
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ WEIGHTS_FILE = "flow.safetensors"
 META_FILE = "meta.json"
 SCALE_FLOOR = 0.01  # feature std floor, as a fraction of the median feature std
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+CPU_RUNTIMES = ("torch", "openvino")  # what runs a fitted flow's scoring on the CPU
 PARAMS = ("pca_dim", "n_blocks", "hidden", "clamp", "epochs", "batch_size", "lr", "weight_decay",
           "val_fraction", "patience", "seed", "min_reference")
 
@@ -76,6 +80,39 @@ class _Block(Fm.AllInOneBlock):
         if not rev:
             return x * torch.exp(sub_jac) + t, torch.sum(sub_jac, dim=self.sum_dims)
         return (x - t) * torch.exp(-sub_jac), -torch.sum(sub_jac, dim=self.sum_dims)
+
+
+class _Scoring(nn.Module):
+    """A fitted SequenceINN of _Blocks as one plain module for scoring: u (B, D) -> (B, D + 1), the latent z and
+    log|det J| as the last column. Each block's global scale and offset are folded into its rotation, so neither
+    FrEIA's code nor its Softplus reaches the graph that OpenVINO converts."""
+
+    def __init__(self, inn: Ff.SequenceINN) -> None:
+        super().__init__()
+        blocks = list(inn.module_list)
+        self.splits, self.clamp = blocks[0].splits, float(blocks[0].clamp)
+        self.subnets = nn.ModuleList(block.subnet for block in blocks)
+        weights, biases, log_scale = [], [], 0.0
+        with torch.no_grad():
+            for block in blocks:  # rotation W of (x * scale + offset) = x (W scale)^T + W offset
+                scale = block.global_scale_activation(block.global_scale).reshape(-1)
+                w = block.w_perm.reshape(len(scale), len(scale))
+                weights.append(w * scale)
+                biases.append(w @ block.global_offset.reshape(-1))
+                log_scale += float(torch.log(scale).sum())
+        self.register_buffer("weights", torch.stack(weights))
+        self.register_buffer("biases", torch.stack(biases))
+        self.log_scale = log_scale
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        x, log_jac = u, torch.zeros_like(u[:, 0])
+        for subnet, w, bias in zip(self.subnets, self.weights, self.biases):
+            x1, x2 = x.split(self.splits, dim=1)
+            s, t = (subnet(x1) * 0.1).split(x2.shape[1], dim=1)
+            sub_jac = self.clamp * torch.tanh(s)
+            x = F.linear(torch.cat([x1, x2 * torch.exp(sub_jac) + t], dim=1), w, bias)
+            log_jac = log_jac + sub_jac.sum(1)
+        return torch.cat([x, (log_jac + self.log_scale)[:, None]], dim=1)
 
 
 def _build_inn(dim: int, n_blocks: int, hidden: int, clamp: float,
@@ -133,7 +170,7 @@ class Flow:
     def __init__(self, pca_dim: int | None = None, n_blocks: int = 8, hidden: int = 256, clamp: float = 2.0,
                  epochs: int = 200, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-5,
                  val_fraction: float = 0.2, patience: int = 15, seed: int = 0, min_reference: int = 50,
-                 device: str = "cpu"):
+                 device: str = "cpu", cpu_runtime: str = "torch"):
         self.pca_dim = pca_dim
         self.n_blocks = n_blocks
         self.hidden = hidden
@@ -147,9 +184,13 @@ class Flow:
         self.seed = seed
         self.min_reference = min_reference
         self.device = device
+        if cpu_runtime not in CPU_RUNTIMES:
+            raise ConfigError(f"flow cpu_runtime {cpu_runtime!r} is not one of {', '.join(CPU_RUNTIMES)}")
+        self.cpu_runtime = cpu_runtime
+        self._compiled: dict[int, object] = {}  # OpenVINO's compiled _Scoring per torch thread count
 
     def params(self) -> dict:
-        """The hyper-parameters (device excluded), as saved in meta.json."""
+        """The hyper-parameters (device and cpu_runtime excluded), as saved in meta.json."""
         return {k: getattr(self, k) for k in PARAMS}
 
     # ---- fitting -------------------------------------------------------------------------------
@@ -253,7 +294,8 @@ class Flow:
             self.inn_ = _build_inn(self.latent_dim_, self.n_blocks, self.hidden, self.clamp, rng).to(device)
             self.history_ = self._train(self._prepare(train, device), self._prepare(val, device), rng)
         self.inn_.eval()
-        self.mu_ = self.transform(train).mean(0)
+        self._compiled = {}
+        self.mu_ = self._latent(train, self.inn_)[0].mean(0)
         return self
 
     def _prepare(self, features: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -329,20 +371,44 @@ class Flow:
         _check_finite(features, "feature")
         return features
 
-    def latent_and_log_jac(self, features) -> tuple[np.ndarray, np.ndarray]:
-        """(z (N, D'), log|det J| (N,)) of features (N, D), in batches."""
-        features = self._check_features(features)
+    def _forward(self):
+        """u -> (z, log|det J|) of the fitted flow: FrEIA's SequenceINN, or, on the CPU with cpu_runtime openvino,
+        its _Scoring copy converted and compiled by OpenVINO, fp32, once per torch thread count (run.threads)."""
+        if self.cpu_runtime == "torch" or next(self.inn_.parameters()).device.type != "cpu":
+            return self.inn_
+        threads = torch.get_num_threads()
+        if threads not in self._compiled:
+            ov = import_runtime("openvino")
+            with warnings.catch_warnings():  # tracing warnings of torch.jit
+                warnings.simplefilter("ignore")
+                model = ov.convert_model(_Scoring(self.inn_).eval(), example_input=torch.zeros(2, self.latent_dim_))
+            self._compiled[threads] = ov.Core().compile_model(model, "CPU", {
+                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+        compiled = self._compiled[threads]
+
+        def forward(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = torch.from_numpy(compiled(u.numpy())[0])  # a copy (share_outputs=False)
+            return out[:, :-1], out[:, -1]
+        return forward
+
+    def _latent(self, features: np.ndarray, forward) -> tuple[np.ndarray, np.ndarray]:
+        """(z, log|det J|) of checked features through `forward`, in batches."""
         device = next(self.inn_.parameters()).device
-        self.inn_.eval()
         zs, jacs = [], []
         with torch.inference_mode():
             for start in range(0, len(features), 8192):
-                z, jac = self.inn_(self._prepare(features[start:start + 8192], device))
+                z, jac = forward(self._prepare(features[start:start + 8192], device))
                 zs.append(z.float().cpu().numpy())
                 jacs.append(jac.float().cpu().numpy())
         if not zs:
             return np.zeros((0, self.latent_dim_), np.float32), np.zeros(0, np.float32)
         return np.concatenate(zs), np.concatenate(jacs)
+
+    def latent_and_log_jac(self, features) -> tuple[np.ndarray, np.ndarray]:
+        """(z (N, D'), log|det J| (N,)) of features (N, D), in batches."""
+        features = self._check_features(features)
+        self.inn_.eval()
+        return self._latent(features, self._forward())
 
     def transform(self, features) -> np.ndarray:
         """Latent z (N, D') float32 of features (N, D)."""
@@ -382,7 +448,7 @@ class Flow:
         return path_dir
 
     @classmethod
-    def load(cls, path_dir, device: str = "cpu", check_meta=None) -> tuple[Flow, dict]:
+    def load(cls, path_dir, device: str = "cpu", check_meta=None, cpu_runtime: str = "torch") -> tuple[Flow, dict]:
         """(flow, meta) from a directory written by save(); `check_meta(meta)` runs before the fingerprint check
         (the Scorer refuses other scorer formats there, and checks what the meta binds)."""
         path_dir = Path(path_dir)
@@ -414,7 +480,7 @@ class Flow:
                               f"{meta.get('fingerprint')}: {WEIGHTS_FILE} or {META_FILE} was changed or mixed with "
                               f"another scorer's; refit with wsi-qc fit-reference")
         try:  # a well-formed pair of files from save(); anything else is named, not a traceback
-            flow = cls(**meta["flow"], device=device)
+            flow = cls(**meta["flow"], device=device, cpu_runtime=cpu_runtime)
             tensors = load_file(str(path_dir / WEIGHTS_FILE))
             flow.feature_dim_, flow.latent_dim_ = int(meta["feature_dim"]), int(meta["latent_dim"])
             flow.mean_, flow.scale_, flow.mu_ = (tensors[k].numpy() for k in ("mean", "scale", "mu"))

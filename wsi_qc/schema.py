@@ -57,6 +57,7 @@ LIMITS: dict[str, Limit] = {
     "encoder.grid": Limit(int, low=1, null=True),
     "encoder.input_size": Limit(int, low=8, null=True),
     "flow.pca_dim": Limit(int, low=1, null=True),
+    "flow.cpu_runtime": Limit(choices="wsi_qc.flow:CPU_RUNTIMES"),
     "flow.n_blocks": AT_LEAST_1,
     "flow.hidden": AT_LEAST_1,
     "flow.clamp": POSITIVE,

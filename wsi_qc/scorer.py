@@ -50,7 +50,7 @@ COARSE_DIR = "coarse"  # the cascade's coarse pass, a scorer folder inside the s
 SCORER_SECTIONS = ("encoder", "tiles", "flow", "score")
 RUNTIME_KEYS = {"encoder": ("device", "compile", "channels_last", "cpu_runtime"),
                 "tiles": ("workers", "batch_size", "overlap", "min_tissue"),
-                "flow": ("device",), "score": ("kind", "aggregate")}
+                "flow": ("device", "cpu_runtime"), "score": ("kind", "aggregate")}
 
 
 def aggregate(maps: np.ndarray, how: str) -> np.ndarray:
@@ -473,7 +473,8 @@ class Scorer:
         path = Path(path)
         defaults = load_config()
         config = config or defaults
-        flow, meta = Flow.load(path, device=config["flow"]["device"], check_meta=lambda m: _check_meta(m, path))
+        flow, meta = Flow.load(path, device=config["flow"]["device"], check_meta=lambda m: _check_meta(m, path),
+                               cpu_runtime=config["flow"]["cpu_runtime"])
         info = meta["scorer"]
         merged = _merge_config(info["config"], config, defaults, path)
         encoder = encoder_from_config(merged)
