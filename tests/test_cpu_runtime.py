@@ -14,6 +14,7 @@ from wsi_qc import cpu_runtime
 from wsi_qc.config import load_config
 from wsi_qc.encoder import Encoder
 from wsi_qc.errors import ConfigError
+from wsi_qc.flow import Flow
 from wsi_qc.scorer import encoder_from_config
 
 TOLERANCE = 1e-3  # of each feature column's std, as in benchmarks/runtimes.py
@@ -82,6 +83,8 @@ def test_bad_runtime_choices_are_refused_naming_the_fix(monkeypatch, tmp_path):
         Encoder("test_efficientnet", device="cpu", cpu_runtime="tensorrt")
     with pytest.raises(ConfigError, match="encoder.cpu_runtime"):
         load_config(overrides={"encoder": {"cpu_runtime": "onnx"}})
+    with pytest.raises(ConfigError, match="flow.cpu_runtime"):
+        load_config(overrides={"flow": {"cpu_runtime": "onnxruntime"}})  # the flow runs in torch or OpenVINO
     with pytest.raises(ConfigError, match="precision='bf16'.*set precision: fp32 and compile: false, or cpu_runtime"):
         Encoder("test_efficientnet", device="cpu", precision="bf16", cpu_runtime="onnxruntime")
 
@@ -91,3 +94,7 @@ def test_bad_runtime_choices_are_refused_naming_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_runtime, "importlib", types.SimpleNamespace(import_module=missing))
     with pytest.raises(ConfigError, match="needs the openvino package .* pip install openvino or set encoder"):
         cpu_runtime.ExportedNetwork("openvino", tmp_path / "network.onnx")
+    x = np.random.default_rng(0).standard_normal((200, 4)).astype(np.float32)
+    flow = Flow(n_blocks=2, hidden=8, epochs=1, min_reference=10, cpu_runtime="openvino").fit(x)  # fits in torch
+    with pytest.raises(ConfigError, match="flow.cpu_runtime 'openvino' needs the openvino package .* set flow.cpu"):
+        flow.transform(x)

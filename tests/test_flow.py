@@ -147,7 +147,8 @@ def test_flow_blocks_compute_what_freias_block_computes_bitwise():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_openvino_scoring_matches_the_fitted_flow(tmp_path, threads):
+def test_openvino_scoring_matches_the_fitted_flow(tmp_path, monkeypatch, threads):
+    monkeypatch.setenv("WSI_QC_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(6)
     x = (rng.standard_normal((3000, 40)) @ rng.standard_normal((40, 40))).astype(np.float32) + 1
     flow = Flow(n_blocks=3, hidden=32, epochs=6, patience=3, min_reference=10).fit(x)
@@ -162,6 +163,11 @@ def test_openvino_scoring_matches_the_fitted_flow(tmp_path, threads):
         np.testing.assert_allclose(got_z, z, atol=2e-5)
         np.testing.assert_allclose(got_jac, log_jac, atol=2e-5 * np.abs(log_jac).max())
         np.testing.assert_allclose(tile_rl2(got_z, loaded.mu_), tile_rl2(z, flow.mu_), rtol=1e-5)
+        cached = sorted(p.name for p in (tmp_path / "cache" / "openvino").iterdir())
+        assert [p.rsplit(".", 1)[1] for p in cached] == ["bin", "xml"]  # converted once, kept by content
+        again, _ = Flow.load(tmp_path / "flow", cpu_runtime="openvino")
+        np.testing.assert_array_equal(again.transform(x), got_z)  # read back from the cache
+        assert sorted(p.name for p in (tmp_path / "cache" / "openvino").iterdir()) == cached
         other = x[:, ::-1] * 2  # a refit scores with its own weights, not the last compiled ones
         loaded.fit(other)
         flow.fit(other)

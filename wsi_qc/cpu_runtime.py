@@ -1,5 +1,6 @@
-"""The encoder's network on the CPU outside torch: exported once to ONNX (cached on disk by content), then run by
-ONNX Runtime or OpenVINO in fp32 (`encoder.cpu_runtime`; benchmarks/runtimes.py measures them against torch)."""
+"""Networks on the CPU outside torch, cached on disk by content: the encoder's network exported once to ONNX, then
+run by ONNX Runtime or OpenVINO in fp32 (`encoder.cpu_runtime`; benchmarks/runtimes.py measures them against torch),
+and the flow's scoring module converted once to OpenVINO (`flow.cpu_runtime`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,12 +60,31 @@ def export_onnx(module: torch.nn.Module, input_size: list[int], identity: dict) 
     return path
 
 
-def import_runtime(runtime: str):
+def import_runtime(runtime: str, key: str = "encoder.cpu_runtime"):
+    """The runtime's package, or a ConfigError naming the config key that asked for it."""
     try:
         return importlib.import_module(runtime)
     except ImportError as exc:
-        raise ConfigError(f"encoder cpu_runtime {runtime!r} needs the {runtime} package ({exc}); "
-                          f"pip install {runtime} or set encoder.cpu_runtime: torch") from exc
+        raise ConfigError(f"{key} {runtime!r} needs the {runtime} package ({exc}); "
+                          f"pip install {runtime} or set {key}: torch") from exc
+
+
+def openvino_model(module: torch.nn.Module, example: torch.Tensor, identity: dict):
+    """OpenVINO's model (fp32) of `module` on inputs shaped like `example` (batch free): converted in memory on the
+    first call, then kept under cache_dir()/openvino by content, so that later processes only read it."""
+    ov = import_runtime("openvino")
+    path = cache_dir() / "openvino" / f"{_content_key(module, {**identity, 'openvino': ov.__version__})}.xml"
+    if path.is_file():
+        return ov.Core().read_model(path)
+    with warnings.catch_warnings():  # torch.jit's tracer warnings
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(module.eval(), example_input=example)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # concurrent workers: whole files only, .bin first
+        ov.save_model(model, Path(tmp) / path.name, compress_to_fp16=False)
+        os.replace(Path(tmp) / path.with_suffix(".bin").name, path.with_suffix(".bin"))
+        os.replace(Path(tmp) / path.name, path)
+    return model
 
 
 class ExportedNetwork:

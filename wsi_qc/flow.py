@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 
 import FrEIA.framework as Ff
@@ -46,7 +45,7 @@ from tqdm.auto import tqdm
 
 from wsi_qc import __version__
 from wsi_qc.config import resolve_device
-from wsi_qc.cpu_runtime import import_runtime
+from wsi_qc.cpu_runtime import import_runtime, openvino_model
 from wsi_qc.errors import ConfigError, NotFittedError
 
 log = logging.getLogger(__name__)
@@ -373,15 +372,17 @@ class Flow:
 
     def _forward(self):
         """u -> (z, log|det J|) of the fitted flow: FrEIA's SequenceINN, or, on the CPU with cpu_runtime openvino,
-        its _Scoring copy converted and compiled by OpenVINO, fp32, once per torch thread count (run.threads)."""
+        its _Scoring copy in OpenVINO (converted once, cpu_runtime.openvino_model), compiled, fp32, once per torch
+        thread count (run.threads)."""
         if self.cpu_runtime == "torch" or next(self.inn_.parameters()).device.type != "cpu":
             return self.inn_
         threads = torch.get_num_threads()
         if threads not in self._compiled:
-            ov = import_runtime("openvino")
-            with warnings.catch_warnings():  # tracing warnings of torch.jit
-                warnings.simplefilter("ignore")
-                model = ov.convert_model(_Scoring(self.inn_).eval(), example_input=torch.zeros(2, self.latent_dim_))
+            ov = import_runtime("openvino", "flow.cpu_runtime")
+            module = _Scoring(self.inn_)
+            model = openvino_model(module, torch.zeros(2, self.latent_dim_),
+                                   {"kind": "flow", "splits": module.splits, "clamp": module.clamp,
+                                    "log_scale": module.log_scale})
             self._compiled[threads] = ov.Core().compile_model(model, "CPU", {
                 "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
         compiled = self._compiled[threads]
