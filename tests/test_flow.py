@@ -167,6 +167,7 @@ def test_openvino_scoring_matches_the_fitted_flow(tmp_path, monkeypatch, threads
         assert [p.rsplit(".", 1)[1] for p in cached] == ["bin", "xml"]  # converted once, kept by content
         again, _ = Flow.load(tmp_path / "flow", cpu_runtime="openvino")
         np.testing.assert_array_equal(again.transform(x), got_z)  # read back from the cache
+        np.testing.assert_array_equal(again.transform(x[5:12]), got_z[5:12])  # rows do not depend on the batch
         assert sorted(p.name for p in (tmp_path / "cache" / "openvino").iterdir()) == cached
         other = x[:, ::-1] * 2  # a refit scores with its own weights, not the last compiled ones
         loaded.fit(other)
