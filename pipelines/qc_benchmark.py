@@ -90,6 +90,12 @@ class TileSet:
         return {k: np.asarray(v) for k, v in vars(self).items() if k != "images"}
 
 
+def choose_aggregate(on_selection: dict[str, float], default: str, margin: float) -> str:
+    """The candidate with the best selection AUROC, or `default` (the config's) when it is within `margin` of it."""
+    best = max(on_selection, key=on_selection.get)
+    return default if on_selection.get(default, -np.inf) >= on_selection[best] - margin else best
+
+
 def read_config(path: str | Path | None) -> tuple[dict, dict]:
     """(wsi-qc config, benchmark section) of a benchmark YAML file."""
     path = Path(path or DEFAULT_CONFIG)
@@ -367,12 +373,13 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
     test_scores, sel = {}, split == "selection"
 
     def record(label: str, candidates: dict, t0: float) -> np.ndarray:
-        chosen = max(candidates, key=lambda a: auroc(candidates[a][sel], meta["label"][sel]))
+        on_selection = {a: auroc(c[sel], meta["label"][sel]) for a, c in candidates.items()}
+        chosen = choose_aggregate(on_selection, config["score"]["aggregate"], own["aggregate_margin"])
         scores = candidates[chosen]
         threshold = conformal_threshold(scores[held], own["false_discard"])
         test_scores[label] = scores[split == "test"]
         results["heads"][label] = {
-            "aggregate": chosen, "selection_auroc": {a: auroc(c[sel], meta["label"][sel]) for a, c in candidates.items()},
+            "aggregate": chosen, "selection_auroc": on_selection,
             "test": evaluate(scores, meta, split == "test", own), "threshold": threshold,
             "test_discards": false_discards(scores, threshold, meta, split == "test"),
             "selection_discards": false_discards(scores, threshold, meta, sel),

@@ -21,7 +21,7 @@ TINY = {
         "kinds": ["blur", "small_debris", "defocus"], "severities": [1, 3],
         "splits": {"reference": ["gen-0", "gen-1"], "selection": ["gen-2"], "test": ["gen-3"]},
         "calibration_fraction": 0.2, "false_discard": 0.05, "n_bootstrap": 20, "knn_coreset": 500,
-        "aggregates": ["max", "top25", "mean"],
+        "aggregates": ["max", "top25", "mean"], "aggregate_margin": 0.0,
         "features": {"pooled": {"levels": [1, 2], "grid": None, "image_stats": True},
                      "local": {"levels": [1, 2], "grid": 4, "image_stats": True}},
         "pooled_flow": {"pca_dim": None, "n_blocks": 2, "hidden": 32, "epochs": 3, "batch_size": 64, "patience": 2},
@@ -72,3 +72,11 @@ def test_bootstrap_resamples_source_tiles_together():
     sources = np.array(["a", "b", "c", "c", "d"])  # two severities of source c
     lo, hi = qc_benchmark.bootstrap_ci(scores, labels, sources, n=50, seed=0)
     assert lo == hi == 1.0  # perfectly separated whatever is drawn
+
+
+def test_the_default_aggregate_stays_unless_another_beats_it_beyond_the_margin():
+    aurocs = {"max": 0.9908, "top5": 0.9906, "mean": 0.98}
+    assert qc_benchmark.choose_aggregate(aurocs, "top5", 0.002) == "top5"  # a tie within noise
+    assert qc_benchmark.choose_aggregate(aurocs, "top5", 0.0001) == "max"
+    assert qc_benchmark.choose_aggregate(aurocs, "top1", 0.002) == "max"  # not a candidate
+    assert qc_benchmark.choose_aggregate({"max": 0.9, "mean": 0.95}, "max", 0.002) == "mean"
