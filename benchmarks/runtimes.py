@@ -18,6 +18,8 @@ Run: python benchmarks/runtimes.py [--batches 2] [--repeats 3] [--threads 2]
 
 from __future__ import annotations
 
+import wsi_qc  # noqa: F401  first: it sets OMP_WAIT_POLICY, which OpenMP reads when torch loads
+
 import argparse
 import tempfile
 import time

@@ -17,6 +17,8 @@ Run: python benchmarks/scoring.py [--batches 5] [--warmup 1] [--threads 2] [--de
 
 from __future__ import annotations
 
+import wsi_qc  # noqa: F401  first: it sets OMP_WAIT_POLICY, which OpenMP reads when torch loads
+
 import argparse
 import time
 

@@ -25,6 +25,8 @@ Writes study.md (tables), study.json and PNG plots into --out.
 
 from __future__ import annotations
 
+import wsi_qc  # noqa: F401  first: it sets OMP_WAIT_POLICY, which OpenMP reads when torch loads
+
 import argparse
 import copy
 import hashlib

@@ -6,6 +6,14 @@ The API (see wsi_qc.api): `fit_reference`, `Scorer` (`.save`, `.load`, `.score_s
 
 __version__ = "0.1.0"
 
+import os
+
+# torch's OpenMP threads wait for work without spinning, leaving the cores to OpenVINO's threads (the encoder's network,
+# the flow) between torch's steps: spinning, the OpenVINO flow ran at 60 % speed in 3 of 6 runs of
+# benchmarks/scoring.py, passive in none of 8 (fitting in torch is 5-10 % slower). OpenMP reads it when torch loads,
+# so it holds when wsi_qc is imported first; a value already set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from wsi_qc.errors import ConfigError, NotFittedError, SlideError, WSIQCError
 
 _LAZY = {"fit_reference": "wsi_qc.api", "fit_threshold": "wsi_qc.api", "qc_folder": "wsi_qc.api",
