@@ -116,3 +116,13 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     run = _run(["wsi-qc", "run", "slides", "--scorer", "S", "--calibration", "c.json", "--out", "qc.zarr"], work, env)
     assert "1 of 1 slides done" in run.stdout and (work / "qc.zarr" / "one" / "rl2_map").is_dir()
     print(f"wheel build, install and CLI run: {time.perf_counter() - start:.1f} s")
+
+
+def test_importing_wsi_qc_sets_passive_openmp_waiting_unless_set():
+    code = "import os, wsi_qc, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert got.stdout.split() == ["PASSIVE"]
+    got = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True)
+    assert got.stdout.split() == ["ACTIVE"]  # a user's own choice is kept
