@@ -69,6 +69,11 @@ def import_runtime(runtime: str, key: str = "encoder.cpu_runtime"):
                           f"pip install {runtime} or set {key}: torch") from exc
 
 
+def openvino_settings(threads: int) -> dict:
+    """OpenVINO's CPU settings for every network here: torch's thread count, fp32 (not bf16 on CPUs that have it)."""
+    return {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+
+
 def openvino_model(module: torch.nn.Module, example: torch.Tensor, identity: dict):
     """OpenVINO's model (fp32) of `module` on inputs shaped like `example` (batch free): converted in memory on the
     first call, then kept under cache_dir()/openvino by content, so that later processes only read it."""
@@ -102,8 +107,7 @@ class ExportedNetwork:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
             session = self._module.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
             return lambda x: session.run(None, {"x": x})[0]
-        compiled = self._module.Core().compile_model(str(self.path), "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})  # not bf16 on CPUs that have it
+        compiled = self._module.Core().compile_model(str(self.path), "CPU", openvino_settings(threads))
         return lambda x: compiled(x)[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from wsi_qc import __version__
 from wsi_qc.config import resolve_device
-from wsi_qc.cpu_runtime import import_runtime, openvino_model
+from wsi_qc.cpu_runtime import import_runtime, openvino_model, openvino_settings
 from wsi_qc.errors import ConfigError, NotFittedError
 
 log = logging.getLogger(__name__)
@@ -55,10 +55,10 @@ WEIGHTS_FILE = "flow.safetensors"
 META_FILE = "meta.json"
 SCALE_FLOOR = 0.01  # feature std floor, as a fraction of the median feature std
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-CPU_RUNTIMES = ("torch", "openvino")
+CPU_RUNTIMES = ("torch", "openvino")  # what runs a fitted flow's scoring on the CPU
 # rows per call of the flow in OpenVINO: a static shape, padded (a dynamic batch raised the 60k x 45k benchmark
 # slide's peak memory by 450 MiB; 2048 rows ran as fast as larger chunks)
-OPENVINO_ROWS = 2048  # what runs a fitted flow's scoring on the CPU
+OPENVINO_ROWS = 2048
 PARAMS = ("pca_dim", "n_blocks", "hidden", "clamp", "epochs", "batch_size", "lr", "weight_decay",
           "val_fraction", "patience", "seed", "min_reference")
 
@@ -387,8 +387,7 @@ class Flow:
                                    {"kind": "flow", "splits": module.splits, "clamp": module.clamp,
                                     "log_scale": module.log_scale})
             model.reshape([OPENVINO_ROWS, self.latent_dim_])
-            self._compiled[threads] = ov.Core().compile_model(model, "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+            self._compiled[threads] = ov.Core().compile_model(model, "CPU", openvino_settings(threads))
         compiled = self._compiled[threads]
 
         def forward(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

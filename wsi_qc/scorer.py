@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -42,7 +43,7 @@ from wsi_qc.slide import Slide
 from wsi_qc.tiles import Tiles, iter_tile_batches, prefetch, tile_slide
 
 log = logging.getLogger(__name__)
-_LIBC = ctypes.CDLL(None)
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # for malloc_trim (_trim_heap)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SCORE_KINDS = ("rl2", "nll")
@@ -183,7 +184,7 @@ class SlideScores:
 def _trim_heap() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). Batches leave freed
     buffers of many sizes resident: without this, a 60k x 45k px slide's peak memory grew by 500 MiB in its run."""
-    trim = getattr(_LIBC, "malloc_trim", None)
+    trim = getattr(_LIBC, "malloc_trim", None)  # glibc only
     if trim is not None:
         trim(0)
 
