@@ -128,6 +128,25 @@ def test_calibrate_refuses_labels_of_one_class(setup, tmp_path, capsys):
     assert code == 2 and "class" in capsys.readouterr().err
 
 
+def test_calibrate_without_labels_or_rate_names_both_ways(setup, tmp_path, capsys):
+    root, cfg = setup
+    code = cli.main(["calibrate", "--scorer", str(root / "scorer"), "--config", str(cfg),
+                     "--out", str(tmp_path / "c.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--labels CSV" in err and "--false-discard 0.02" in err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_calibrate_label_free_from_the_config_rule_alone(setup, tmp_path):
+    root, cfg = setup
+    rule = tmp_path / "rule.yaml"
+    rule.write_text(yaml.safe_dump({**SMALL, "threshold": {"rule": "false_discard", "value": 0.05}}))
+    out = tmp_path / "c.json"
+    assert cli.main(["calibrate", "--scorer", str(root / "scorer"), "--config", str(rule), "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["rule"] == "false_discard" and saved["value"] == 0.05
+
+
 def test_calibrate_refuses_labels_naming_missing_tiles(setup, tmp_path, capsys):
     root, cfg = setup
     labels = tmp_path / "labels.csv"
@@ -304,3 +323,18 @@ def test_slide_features_of_an_in_memory_slide():
     with Slide.from_array(image, mpp=0.5) as slide:
         found = slide_features(slide, encoder_from_config(config), config)
     assert found.features.shape[0] == len(found.tiles.coords) > 10 and found.timings["tiles_per_s"] > 0
+
+
+def test_reference_slides_are_all_opened_before_any_is_encoded(tmp_path, monkeypatch):
+    from wsi_qc import scorer as scorer_module
+    from wsi_qc.data import write_example_slide
+    from wsi_qc.errors import SlideError
+
+    write_example_slide(tmp_path / "ref" / "a-good.tif", size=(2048, 2048), mpp=0.25, seed=0)
+    (tmp_path / "ref" / "z-broken.svs").write_bytes(np.random.default_rng(0).bytes(1000))
+    encoded = []
+    monkeypatch.setattr(scorer_module, "slide_features", lambda slide, *a, **k: encoded.append(slide))
+    config = load_config(overrides=SMALL)
+    with pytest.raises(SlideError, match="z-broken.svs"):
+        scorer_module.reference_features([tmp_path / "ref"], encoder_from_config(config), config)
+    assert encoded == []  # the good slide, listed first, was not encoded before the broken one was found

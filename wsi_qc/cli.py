@@ -110,13 +110,10 @@ def cmd_rl2(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from wsi_qc.calibrate import calibrate
+    from wsi_qc.api import fit_threshold
 
-    config = _config(args)
-    if args.false_discard is not None:
-        config["threshold"].update(rule="false_discard", value=args.false_discard)
-    calibrate(config, scorer_path=args.scorer, labels=args.labels, good=args.good, bad=args.bad, out=args.out,
-              roc=args.roc)
+    fit_threshold(args.scorer, args.labels, good=args.good, bad=args.bad, false_discard=args.false_discard,
+                  out=args.out, config=_config(args), roc=args.roc, verbose=True)
     return 0
 
 

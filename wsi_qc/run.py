@@ -34,7 +34,7 @@ from wsi_qc.errors import ConfigError, SlideError
 from wsi_qc.report import overlay_png, thumbnail_png, write_geojson, write_run_report  # noqa: F401 (re-exported)
 from wsi_qc.cascade import PASSES
 from wsi_qc.scorer import Scorer, slide_scores
-from wsi_qc.slide import Slide
+from wsi_qc.slide import Slide, slide_files
 from wsi_qc.store import consolidate, locked, open_store, read_slide, slide_done, slide_key, tidy, write_slide
 from wsi_qc.threshold import Threshold
 from wsi_qc.tiles import grid_image
@@ -54,12 +54,10 @@ NOT_IN_RESULTS: dict[str, tuple[str, ...] | None] = {
 
 def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
     """Slide files from files, folders (recursive, comma-separated globs) and CSV manifests (column `path`)."""
-    globs = [g.strip() for g in pattern.split(",") if g.strip()]
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            # links count too (a dangling link or a link loop fails per slide, with a row in the report)
-            found = sorted({p for g in globs for p in item.rglob(g) if p.is_file() or p.is_symlink()})
+            found = slide_files(item, pattern)  # a dangling link or a link loop fails per slide, in the report
             if not found:
                 log.warning("%s holds no slides matching %s", item, pattern)
             out.extend(found)

@@ -39,7 +39,7 @@ from wsi_qc.encoder import Encoder, stats_names
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import META_FILE, Flow
 from wsi_qc.rl2 import tile_rl2
-from wsi_qc.slide import Slide
+from wsi_qc.slide import Slide, slide_files
 from wsi_qc.tiles import Tiles, iter_tile_batches, prefetch, tile_slide
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _slides_in(folder: Path, pattern: str) -> list[Path]:
     """Slide files of a folder (run.pattern globs, recursive) when it holds no PNG/JPEG/BMP tiles, else []."""
     if any(p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") for p in folder.rglob("*")):
         return []
-    return sorted({p for g in pattern.split(",") if g.strip() for p in folder.rglob(g.strip()) if p.is_file()})
+    return slide_files(folder, pattern)
 
 
 def reference_features(inputs: Iterable[str | Path], encoder: Encoder, config: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -242,6 +242,9 @@ def reference_features(inputs: Iterable[str | Path], encoder: Encoder, config: d
         sources += [("slide", p) for p in slides] if slides else [("tiles", item)]
     if not sources:
         raise ConfigError("no reference inputs given; pass slides or folders of known-good tiles")
+    for kind, path in sources:  # every slide opens (file, format, mpp) before any is encoded
+        if kind == "slide":
+            Slide.from_config(path, config).close()
     parts = []
     for kind, path in sources:
         if kind == "tiles":

@@ -48,6 +48,13 @@ def _plausible(mpp: float | None) -> bool:
     return mpp is not None and PLAUSIBLE_MPP[0] < mpp < PLAUSIBLE_MPP[1]
 
 
+def slide_files(folder: str | Path, pattern: str) -> list[Path]:
+    """Slide files under a folder, recursive, sorted: `pattern` is comma-separated globs (run.pattern); links count
+    too (a dangling one fails when opened, naming the file)."""
+    globs = [g.strip() for g in pattern.split(",") if g.strip()]
+    return sorted({p for g in globs for p in Path(folder).rglob(g) if p.is_file() or p.is_symlink()})
+
+
 def _check_file(p: Path) -> None:
     """SlideError with the reason when p is not a readable, non-empty file."""
     if p.is_symlink() and not p.exists():
