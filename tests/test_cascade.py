@@ -136,6 +136,24 @@ def test_a_slide_without_a_coarse_level_is_scored_by_the_cascade(tiny):
     assert set(np.unique(found.scores["pass"])) <= {PASSES.index("fine"), PASSES.index("coarse")}
 
 
+def test_slide_scores_give_freed_memory_back_every_few_batches(tiny, monkeypatch):
+    """glibc's malloc_trim after every TRIM_EVERY batches and once after the tile loop (a stand-in libc counts)."""
+    from types import SimpleNamespace
+
+    from wsi_qc import scorer as scorer_module
+
+    trims = []
+    monkeypatch.setattr(scorer_module, "_LIBC", SimpleNamespace(malloc_trim=trims.append))
+    config = tiny["scorer"].config
+    config = {**config, "tiles": {**config["tiles"], "batch_size": 4}}
+    rng = np.random.default_rng(6)
+    pixels = np.clip(np.array([200, 120, 170]) + rng.normal(0, 25, (512, 512, 3)), 0, 255).astype(np.uint8)
+    with Slide.from_array(pixels, mpp=0.5, name="flat") as slide:
+        found = slide_scores(slide, tiny["scorer"], config)
+    batches = -(-len(found.tiles.coords) // 4)
+    assert batches > scorer_module.TRIM_EVERY and trims == [0] * (batches // scorer_module.TRIM_EVERY + 1)
+
+
 @pytest.mark.slow
 def test_cascade_flags_the_tiles_the_single_pass_flags(tmp_path):
     """Default encoder, generated slides: reference on one; another with large artifacts (pen, fold, blur, bubble,
