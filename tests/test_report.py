@@ -180,7 +180,8 @@ def _rows():
         {"slide": "slide-2", "path": "/d/slide-2.svs", "status": "done", "error": None, "n_tiles": 100, "n_keep": 90,
          "kept_pct": 90.0, "rl2_median": 0.51, "rl2_p95": 1.2, "seconds": 12.5, "mpp": 0.25},
         {"slide": "slide-10", "path": "/d/slide-10.svs", "status": "done", "error": None, "n_tiles": 40,
-         "n_keep": 10, "kept_pct": 25.0, "rl2_median": 1.4, "rl2_p95": 2.2, "seconds": 3.0, "mpp": 0.5},
+         "n_keep": 10, "kept_pct": 25.0, "rl2_median": 1.4, "rl2_p95": 2.2, "seconds": 3.0, "mpp": 0.5,
+         "warning": "75 % of its tiles score above the threshold: check <its> overlay"},
         {"slide": "bad<slide>", "path": "/d/bad.svs", "status": "failed",
          "error": "bad.svs has no mpp in its metadata; pass --mpp <script>alert(1)</script>",
          "traceback": "Traceback (most recent call last):\n  File \"x.py\", line 1\nSlideError: no mpp"},
@@ -354,8 +355,10 @@ def test_report_html_summary_table_and_folded_timings(tmp_path, slide_case):
     parser = _parse(html_report)
     assert parser.rows["slides"] == ["slide-2", "slide-10", "bad<slide>", "slide-1"]
     assert parser.headers["slides"] == ["slide", "status", "tiles", "kept %", "rl2 median", "rl2 p95",
-                                        "flagged kinds", "error", "thumbnail"]
+                                        "flagged kinds", "error / warning", "thumbnail"]
     assert parser.rows["timings"] == parser.rows["slides"]
+    assert '<td data-value="" class="warning">warning: 75 % of its tiles score above the threshold: check &lt;its&gt; ' \
+           "overlay</td>" in text  # a done slide's warning in the error column, escaped
     assert {"seconds", "n_keep", "mpp", "path"} <= set(parser.headers["timings"])
     assert "traceback" not in parser.headers["timings"]
     assert len(parser.img_src) == 3 + 1  # the thumbnail of each done slide, and the ROC

@@ -23,8 +23,8 @@ from PIL import Image
 from benchmarks.report import Chromium
 from wsi_qc.config import load_config
 from wsi_qc.errors import ConfigError
-from wsi_qc.run import (check_inputs, collect_slides, export_tiles, result_config, run_fingerprint, run_slides,
-                        write_run_report)
+from wsi_qc.run import (check_inputs, collect_slides, discard_warning, export_tiles, result_config, run_fingerprint,
+                        run_slides, write_run_report)
 from wsi_qc.store import list_slides, open_store, read_slide, slide_key, write_slide
 from wsi_qc.tiles import prefetch
 
@@ -134,8 +134,8 @@ def test_bad_slides_fail_alone_with_their_error_in_the_report(faulty_run):
 
     with open(faulty_run["report_dir"] / "report.csv", newline="") as fh:
         header = next(csv.reader(fh))
-    assert header[:10] == ["slide", "path", "status", "error", "n_tiles", "n_keep", "kept_pct", "rl2_median",
-                           "rl2_p95", "seconds"]
+    assert header[:11] == ["slide", "path", "status", "error", "warning", "n_tiles", "n_keep", "kept_pct",
+                           "rl2_median", "rl2_p95", "seconds"]
     report = pd.read_csv(faulty_run["report_dir"] / "report.csv").set_index("slide")
     assert list(report.index) == [p.stem for p in faulty_run["paths"]]  # input order
     for col in ("n_tiles", "kept_pct", "rl2_median", "rl2_p95", "status", "seconds", "encode_s", "tile_s",
@@ -486,3 +486,24 @@ def test_write_slide_groups_are_independent_of_the_root(tmp_path):
                     grid=np.ones((1, 2), np.uint8), tissue=np.ones((4, 4), bool), attrs={"fingerprint": "f"})
     assert (tmp_path / "qc.zarr" / "zarr.json").read_bytes() == before
 
+
+
+def test_discard_warning_only_when_most_tiles_score_above_the_threshold():
+    assert discard_warning(np.array([1.0, 2.0, 3.0]), 2.5) == "" and discard_warning(np.array([]), 1.0) == ""
+    warning = discard_warning(np.array([1.0, 3.0, 4.0]), 2.5)
+    assert warning.startswith("67 % of its tiles score above the threshold") and "wsi-qc fit-reference" in warning
+
+
+def test_a_slide_mostly_above_the_threshold_is_done_with_a_warning(qc_kit, tmp_path, caplog):
+    calibration = json.loads(qc_kit.calibration.read_text())
+    calibration["threshold"] = -1.0  # every tile scores above it
+    (tmp_path / "low.json").write_text(json.dumps(calibration))
+    out = tmp_path / "qc.zarr"
+    with caplog.at_level("WARNING", logger="wsi_qc.run"):
+        row = run_slides(qc_kit.slides[:1], qc_kit.scorer, tmp_path / "low.json", _config(qc_kit), out,
+                         tmp_path / "r")[0]
+    assert row["status"] == "done" and row["n_keep"] == 0
+    assert row["warning"].startswith("100 % of its tiles score above the threshold")
+    assert f"slide {row['slide']}: 100 % of its tiles" in caplog.text
+    skipped = run_slides(qc_kit.slides[:1], qc_kit.scorer, tmp_path / "low.json", _config(qc_kit), out, tmp_path / "r")
+    assert skipped[0]["status"] == "skipped" and skipped[0]["warning"] == row["warning"]  # from the store's attrs

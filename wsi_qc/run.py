@@ -111,11 +111,24 @@ def run_fingerprint(config: dict, scorer: Scorer, threshold: Threshold) -> str:
                         "threshold": float(threshold.threshold_)})
 
 
+MOST_DISCARDED = 0.5  # share of a slide's tiles above the threshold from which its row carries a warning
+
+
+def discard_warning(rl2: np.ndarray, threshold: float) -> str:
+    """What to check when most of a slide's tiles score above the threshold, or "" when they do not."""
+    above = float(np.mean(np.asarray(rl2) > threshold)) if len(rl2) else 0.0
+    if above <= MOST_DISCARDED:
+        return ""
+    return (f"{100 * above:.0f} % of its tiles score above the threshold: a slide-wide problem (focus, stain, scan) "
+            f"or tissue the reference lacks (another organ, stain or scanner); check its overlay, and if its tissue "
+            f"is good, refit the scorer with such slides in the reference (wsi-qc fit-reference)")
+
+
 TIMING_KEYS = ("tile_s", "encode_s", "score_s", "coarse_s", "focus_s", "fine_s", "write_s", "report_s")
 
 
 def _summary(slide_id: str, path: Path, attrs: dict, rl2: np.ndarray | None, status: str, seconds: float) -> dict:
-    row = {"slide": slide_id, "path": str(path), "status": status, "error": "", "traceback": "",
+    row = {"slide": slide_id, "path": str(path), "status": status, "error": "", "warning": "", "traceback": "",
            "n_tiles": attrs.get("n_tiles", 0), "n_keep": attrs.get("n_keep", 0), "kept_pct": np.nan,
            "rl2_median": np.nan, "rl2_p95": np.nan, "seconds": round(seconds, 2)}
     if row["n_tiles"]:
@@ -123,6 +136,8 @@ def _summary(slide_id: str, path: Path, attrs: dict, rl2: np.ndarray | None, sta
     if rl2 is not None and len(rl2):
         row["rl2_median"] = float(np.median(rl2))
         row["rl2_p95"] = float(np.percentile(rl2, 95))
+        if "threshold" in attrs:
+            row["warning"] = discard_warning(rl2, attrs["threshold"])
     passes = attrs.get("passes", {})
     if any(v for k, v in passes.items() if k != "fine"):  # a cascade run: tiles decided by each pass
         row["passes"] = ", ".join(f"{k} {v}" for k, v in passes.items() if v)
@@ -206,7 +221,10 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
             # known only after the write: in the report row, not in the stored attrs
             timings["write_s"] = round(time.perf_counter() - t0, 3)
             timings["peak_rss_mb"] = _peak_rss_mb()
-        return _summary(slide_id, path, attrs, rl2, "done", time.perf_counter() - start)
+        row = _summary(slide_id, path, attrs, rl2, "done", time.perf_counter() - start)
+        if row["warning"]:
+            log.warning("slide %s: %s", slide_id, row["warning"])
+        return row
     except Exception as exc:  # one slide's failure never stops the batch
         log.warning("slide %s failed: %s", path, exc)
         row = _summary(slide_id, path, {}, None, "failed", time.perf_counter() - start)

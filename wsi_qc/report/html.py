@@ -49,6 +49,7 @@ img.figure{max-width:100%;cursor:zoom-in} img.big{max-width:none;cursor:zoom-out
 .crop img.map{opacity:0;transition:opacity .15s} .crop:hover img.map{opacity:1}
 details pre{white-space:pre-wrap;font-size:.75rem;background:#f6f6f6;padding:.4rem;max-width:60rem}
 .error{color:#b00020}
+.warning{color:#8a5a00}
 """
 
 ZOOM_JS = """

@@ -12,7 +12,7 @@ import numpy as np
 from wsi_qc.report.inputs import tile_arrays
 
 REPORT_COLUMNS = (
-    "slide", "path", "status", "error", "n_tiles", "n_keep", "kept_pct",
+    "slide", "path", "status", "error", "warning", "n_tiles", "n_keep", "kept_pct",
     "rl2_median", "rl2_p95", "seconds",
 )
 MANIFEST_COLUMNS = ("slide", "x", "y", "mpp", "size", "rl2")

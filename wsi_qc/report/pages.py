@@ -18,7 +18,7 @@ MAIN_COLUMNS = (
     ("slide", "slide", None, "14rem"), ("status", "status", None, "5rem"), ("n_tiles", "tiles", "{:d}", "5rem"),
     ("kept_pct", "kept %", "{:.1f}", "5rem"), ("rl2_median", "rl2 median", "{:.4g}", "6.5rem"),
     ("rl2_p95", "rl2 p95", "{:.4g}", "5.5rem"), ("flagged_kinds", "flagged kinds", None, "8rem"),
-    ("error", "error", None, "minmax(12rem, 1fr)"),
+    ("error", "error / warning", None, "minmax(12rem, 1fr)"),
 )
 # Each row of the slides table is a grid of fixed columns, not a table row, so that rows out of view skip style,
 # layout and paint (content-visibility); a table lays out every cell of 1000 rows before it shows the first.
@@ -29,7 +29,7 @@ SLIDES_CSS = (
     "#slides th,#slides td{border-width:0 1px 1px 0;overflow-wrap:anywhere} #slides td:first-child{font-weight:600}"
 )
 DETAIL_FORMATS = {"n_keep": "{:d}", "seconds": "{:.1f}"}
-HIDDEN = {"traceback"}
+HIDDEN = {"traceback", "warning"}  # not in the folded table: the traceback has its own, the warning the error column
 
 SUMMARY_JS = """
 (function(){
@@ -140,7 +140,9 @@ def _main_row(row: Mapping[str, Any], link: str | None, thumbnail: str) -> str:
     cells += [cell(row.get(key), fmt) for key, _, fmt, _ in MAIN_COLUMNS[2:6]]
     cells.append(cell(_flagged(row.get("flagged_kinds"))))
     error = "" if is_missing(row.get("error")) else row.get("error")
-    cells.append(f'<td data-value="{esc(error)}" class="error">{esc(error)}</td>')
+    warning = "" if error or is_missing(row.get("warning")) else row.get("warning")
+    cells.append(f'<td data-value="{esc(error)}" class="error">{esc(error)}</td>' if not warning else
+                 f'<td data-value="" class="warning">warning: {esc(warning)}</td>')
     cells.append(f"<td>{thumbnail}</td>")
     kept = number(row.get("kept_pct"))
     kept = "" if kept is None else repr(kept)
@@ -211,7 +213,7 @@ def slide_section(row: Mapping[str, Any], images: Mapping[str, str | os.PathLike
              ("kept", row.get("n_keep")), ("kept %", row.get("kept_pct")), ("rl2 median", row.get("rl2_median")),
              ("rl2 p95", row.get("rl2_p95")), ("tiles per cascade pass", row.get("passes")),
              ("flagged kinds", _flagged(row.get("flagged_kinds"))),
-             ("error", row.get("error"))]
+             ("warning", row.get("warning")), ("error", row.get("error"))]
     table = "".join(f"<tr><th>{esc(k)}</th>{cell(v)}</tr>" for k, v in facts if not is_missing(v))
     captions = {"overlay": "keep / discard and rl2 per tile", "score_map": score_caption or "score map"}
     figures = "".join(f'<figure><figcaption>{esc(captions[kind])}</figcaption>'
