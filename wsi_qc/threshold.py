@@ -96,6 +96,10 @@ class Threshold:
                               f"--false-discard RATE or set threshold.rule: false_discard and threshold.value")
         scores = np.asarray(reference_scores, dtype=float).ravel()
         self.threshold_ = conformal_threshold(scores, float(self.value))
+        if float(self.value) < 2 / (len(scores) + 1):  # the rank reaches the top: the cut is the highest score
+            log.warning("%d held-out reference tiles cannot resolve a %g %% false-discard rate (that needs %d): the cut "
+                        "is their highest score; fit the reference on more slides for a finer cut", len(scores),
+                        100 * float(self.value), math.ceil(round(2 / float(self.value) - 1, 9)))
         self.auc_, self.auc_ci_ = float("nan"), (float("nan"), float("nan"))
         self.roc_ = (np.zeros(0), np.zeros(0), np.sort(scores)[::-1])  # no ROC: the held-out scores as thresholds
         self.n_good_, self.n_bad_ = len(scores), 0
