@@ -96,7 +96,7 @@ class Threshold:
                               f"--false-discard RATE or set threshold.rule: false_discard and threshold.value")
         scores = np.asarray(reference_scores, dtype=float).ravel()
         self.threshold_ = conformal_threshold(scores, float(self.value))
-        if float(self.value) < 2 / (len(scores) + 1):  # the rank reaches the top: the cut is the highest score
+        if conformal_rank(len(scores), float(self.value)) == len(scores):  # the cut is the highest score
             log.warning("%d held-out reference tiles cannot resolve a %g %% false-discard rate (that needs %d): the cut "
                         "is their highest score; fit the reference on more slides for a finer cut", len(scores),
                         100 * float(self.value), math.ceil(round(2 / float(self.value) - 1, 9)))
@@ -321,5 +321,10 @@ def conformal_threshold(reference_scores, false_discard: float) -> float:
     if len(scores) == 0 or not np.isfinite(scores).all():
         raise ConfigError(f"the label-free threshold needs finite held-out reference scores, got {len(scores)}; "
                           f"refit the scorer with flow.val_fraction > 0")
-    rank = int(np.ceil((len(scores) + 1) * (1 - false_discard)))
-    return float(scores[min(rank, len(scores)) - 1])
+    return float(scores[conformal_rank(len(scores), false_discard) - 1])
+
+
+def conformal_rank(n: int, false_discard: float) -> int:
+    """Rank (1-based, ascending) of the label-free cut among n held-out scores: ceil((n + 1)(1 - false_discard)),
+    at most n."""
+    return min(int(np.ceil((n + 1) * (1 - false_discard))), n)
