@@ -1,10 +1,13 @@
 """The README's main job on generated example slides (no download): the whole QC workflow, step by step.
 
 1. write example slides (pyramidal JPEG TIFFs from real stained images shipped in tiatoolbox and scikit-image)
-2. make a labelled calibration set (clean reference tiles, clean and synthetic-artifact calibration tiles)
-3. wsi-qc fit-reference on the clean reference tiles
-4. wsi-qc calibrate on the labelled tiles (ROC, AUC, threshold)
-5. wsi-qc run on the slide folder -> qc.zarr, overlays, GeoJSON, report.csv / report.html
+2. wsi-qc run on the slide folder with no reference and no labels: the folder's own cohort scorer and label-free
+   cut -> cohort.zarr (+ cohort-cohort/, cohort-report/)
+then the curated workflow:
+3. make a labelled calibration set (clean reference tiles, clean and synthetic-artifact calibration tiles)
+4. wsi-qc fit-reference on the clean reference tiles
+5. wsi-qc calibrate on the labelled tiles (ROC, AUC, threshold)
+6. wsi-qc run on the slide folder -> qc.zarr, overlays, GeoJSON, report.csv / report.html
 
     python -m pipelines.example --out example
 """
@@ -42,15 +45,19 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             write_example_slide(path, size=(args.size, args.size), mpp=0.25, seed=i)
         print(f"   {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    step("2. QC the slide folder with no reference and no labels (its own cohort scorer)",
+         ["wsi-qc", "run", str(slides), "--out", str(out / "cohort.zarr")])
     cal, scorer, calibration = out / "calibration", out / "scorer", out / "calibration.json"
-    step("2. labelled calibration set", ["wsi-qc", "make-calibration-set", "--slides", str(slides), "--out", str(cal),
+    step("3. labelled calibration set", ["wsi-qc", "make-calibration-set", "--slides", str(slides), "--out", str(cal),
                                          "--overwrite"])
-    step("3. fit the reference flow", ["wsi-qc", "fit-reference", str(cal / "reference"), "--out", str(scorer)])
-    step("4. calibrate the threshold", ["wsi-qc", "calibrate", "--scorer", str(scorer), "--labels",
+    step("4. fit the reference flow", ["wsi-qc", "fit-reference", str(cal / "reference"), "--out", str(scorer)])
+    step("5. calibrate the threshold", ["wsi-qc", "calibrate", "--scorer", str(scorer), "--labels",
                                         str(cal / "labels.csv"), "--out", str(calibration)])
-    step("5. QC the slide folder", ["wsi-qc", "run", str(slides), "--scorer", str(scorer), "--calibration",
-                                    str(calibration), "--out", str(out / "qc.zarr")])
-    print(f"\nDone. Open {out / 'qc-report' / 'report.html'} in a browser; masks are in {out / 'qc.zarr'}.")
+    step("6. QC the slide folder with the curated scorer", ["wsi-qc", "run", str(slides), "--scorer", str(scorer),
+                                                            "--calibration", str(calibration), "--out",
+                                                            str(out / "qc.zarr")])
+    print(f"\nDone. Open {out / 'cohort-report' / 'report.html'} (cohort) and {out / 'qc-report' / 'report.html'} "
+          f"(curated) in a browser; masks are in {out / 'cohort.zarr'} and {out / 'qc.zarr'}.")
     return 0
 
 

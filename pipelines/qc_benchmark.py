@@ -458,21 +458,27 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="benchmark YAML (default configs/qc_benchmark.yaml)")
-    parser.add_argument("--out", default="out/qc_benchmark", help="output folder (slides, feature cache, results)")
+def bench_main(argv, doc: str, default_config: Path, default_out: str, run, table) -> int:
+    """A benchmark's command line: --config (its YAML), --out; `run(config, own, out)` -> results, written with
+    `table(results)` to out/results.json and results.md, and printed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--config", default=None, help=f"benchmark YAML (default {default_config.relative_to(ROOT)})")
+    parser.add_argument("--out", default=default_out, help="output folder (slides, feature cache, results)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config, own = read_config(args.config)
+    config, own = read_config(args.config or default_config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_benchmark(config, own, out)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (out / "results.md").write_text(table + "\n")
-    print(table)
+    results = run(config, own, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    text = table(results)
+    (out / "results.md").write_text(text + "\n")
+    print(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(argv, __doc__, DEFAULT_CONFIG, "out/qc_benchmark", run_benchmark, markdown)
 
 
 if __name__ == "__main__":

@@ -294,8 +294,10 @@ def test_label_free_cut_warns_when_too_few_tiles_resolve_the_rate(caplog):
     with caplog.at_level("WARNING", logger="wsi_qc.threshold"):
         few = Threshold("false_discard", 0.02).fit_label_free(np.arange(98.0))
     assert few.threshold_ == 97.0  # the highest of 98
-    assert "98 held-out reference tiles cannot resolve a 2 % false-discard rate (that needs 99)" in caplog.text
+    assert "98 calibration tiles cannot resolve a 2 % false-discard rate (that needs 99)" in caplog.text
+    assert "it holds at most 1.0 %" in caplog.text and few.bound_ == pytest.approx(1 / 99)  # conservative: 1/(n+1)
     caplog.clear()
     with caplog.at_level("WARNING", logger="wsi_qc.threshold"):
         enough = Threshold("false_discard", 0.02).fit_label_free(np.arange(99.0))
     assert enough.threshold_ == 97.0 and caplog.text == ""  # the 98th of 99: below the highest, no warning
+    assert enough.bound_ == pytest.approx(0.02)  # (99 + 1 - 98) / 100

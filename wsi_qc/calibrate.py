@@ -87,12 +87,15 @@ def calibrate(config: dict, scorer_path: str | Path, labels=None, good=None, bad
     config = scorer.config
     out = Path(out)
     if config["threshold"]["rule"] == "false_discard":
-        threshold = Threshold(**config["threshold"]).fit_label_free(scorer.heldout_scores())
+        threshold = Threshold(**config["threshold"]).fit_label_free(scorer.heldout_scores(), scorer.trimmed)
         threshold.save(out, scorer.fingerprint, config["score"])
         if verbose:
-            print(f"label-free threshold {threshold.threshold_:.4f}: at most {100 * threshold.value:g} % of "
-                  f"{threshold.n_good_} held-out reference tiles above it; calibration -> {out}")
-        return {"threshold": threshold.threshold_, "rule": threshold.rule, "calibration": str(out)}
+            core = f" (the cohort's inlier core; {threshold.trimmed_} above it left out)" if threshold.trimmed_ else ""
+            print(f"label-free threshold {threshold.threshold_:.4f}: a good tile like the {threshold.n_good_} "
+                  f"calibration tiles{core} scores above it with probability at most {100 * threshold.bound_:.2f} % "
+                  f"(target {100 * threshold.value:g} %); calibration -> {out}")
+        return {"threshold": threshold.threshold_, "rule": threshold.rule, "calibration": str(out),
+                "false_discard_bound": threshold.bound_, "trimmed": threshold.trimmed_}
     table = read_labels(labels, good, bad)
     images = labelled_images(table, config)
     features = encode(scorer.encoder, batches(images, config["tiles"]["batch_size"]), len(images), desc="labelled")

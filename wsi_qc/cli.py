@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def _config(args) -> dict:
         value = getattr(args, flag, None)
         if value is not None:
             overrides.setdefault(section, {})[key] = value
+    if getattr(args, "cohort", False):
+        overrides.setdefault("reference", {})["robust"] = True
     if getattr(args, "save_features", False):
         overrides.setdefault("run", {})["save_features"] = True
     return load_config(args.config, overrides=overrides, overrides_source="the command-line options")
@@ -58,9 +61,12 @@ def cmd_fit_reference(args) -> int:
     scorer.save(args.out)
     hist = scorer.flow.history_
     cascade = " with the cascade's coarse pass" if scorer.coarse is not None else ""
+    cohort = (f"; cohort: fitted on {int(scorer.fitted_.sum())} of {int((~scorer.calibration_).sum())} tiles, "
+              f"{scorer.trimmed} of {int(scorer.calibration_.sum())} calibration tiles above the inlier core"
+              if scorer.inlier_ is not None else "")
     print(f"reference: {scorer.n_reference_} tiles, {scorer.kind} features {scorer.encoder.dim}-d -> latent "
           f"{scorer.flow.mu_.shape[0]}-d; best validation NLL/dim {min(hist['val']):.4f} after {len(hist['val'])} "
-          f"epochs; scorer {args.out}{cascade} (fingerprint {scorer.fingerprint})")
+          f"epochs{cohort}; scorer {args.out}{cascade} (fingerprint {scorer.fingerprint})")
     return 0
 
 
@@ -119,6 +125,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_run(args) -> int:
     from wsi_qc.api import qc_folder, report_folder
+    from wsi_qc.cohort.folder import KEY_FILE, cohort_folder
     from wsi_qc.run import export_tiles
     from wsi_qc.store import locked
 
@@ -126,11 +133,17 @@ def cmd_run(args) -> int:
     out, report_dir = Path(args.out), report_folder(args.out, args.report)
     with locked(out, wait=config["run"]["lock_wait"]):  # one lock over run, report and export (qc_folder re-enters it)
         rows = qc_folder(args.inputs, args.scorer, args.calibration, out, config, report=args.report,
-                         force=args.force, embed=args.embed)
+                         force=args.force, embed=args.embed, reference=args.reference)
         if args.export_tiles:
             counts = export_tiles(out, args.export_tiles, [r["slide"] for r in rows if r["status"] != "failed"])
             print(f"exported {sum(counts.values())} kept tiles of {len(counts)} slides to {args.export_tiles}")
     failed = [r for r in rows if r["status"] == "failed"]
+    if args.scorer is None:
+        info = json.loads((cohort_folder(out) / KEY_FILE).read_text())
+        print(f"cohort scorer {cohort_folder(out)}: fitted on {info['fitted']} of {info['tiles']} tiles drawn from "
+              f"{info['slides']} slides; label-free cut on {info['calibration_core']} calibration tiles "
+              f"({info['calibration_trimmed']} above the inlier core left out), at most "
+              f"{100 * info['false_discard_bound']:.2f} % of good tiles like them discarded")
     for r in rows:
         print(f"{r['status']:>8}  {r['slide']}: {r['n_tiles']} tiles, kept {r['kept_pct']} %"
               + (f"  ({r['error']})" if r["error"] else ""))
@@ -184,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = common(sub.add_parser("fit-reference", help="fit a scorer on known-good slides or folders of tiles"))
     p.add_argument("inputs", nargs="+", help="slide files and/or folders of tile images")
+    p.add_argument("--cohort", action="store_true", help="the inputs may hold artifacts (an uncurated cohort): "
+                   "trimmed refitting, label-free cut on the inlier core (reference.robust)")
     p.add_argument("--out", required=True, help="scorer directory to write")
     p.set_defaults(func=cmd_fit_reference)
 
@@ -215,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = tile_options(common(sub.add_parser("run", help="QC slides into a zarr store with overlays and a report")))
     p.add_argument("inputs", nargs="+", help="slide files, folders (searched recursively) or CSV manifests")
-    p.add_argument("--scorer", required=True)
-    p.add_argument("--calibration", required=True)
+    p.add_argument("--scorer", help="a fitted scorer (default: fit the slides' own cohort scorer beside the store)")
+    p.add_argument("--calibration", help="its calibration (with --scorer)")
+    p.add_argument("--reference", nargs="+", default=(), metavar="INPUT",
+                   help="without --scorer: curated known-good slides or tile folders fitted beside the cohort")
     p.add_argument("--out", default="qc.zarr", help="zarr store (created, or resumed)")
     p.add_argument("--report", help="report folder (default <out>-report beside the store)")
     p.add_argument("--workers", type=int, help="slides processed at once (run.workers)")

@@ -9,8 +9,8 @@ Two kinds, told apart by the encoder's `grid`:
   score aggregates it (`score.aggregate`: max, mean or the mean of the top K %).
 
 `rl2` (default) or `nll` is the score (`score.kind`); both come from the same latent (see wsi_qc.rl2).
-A saved scorer carries its whole config (encoder, tiles, flow, score) and the scores of held-out reference
-tiles (for the label-free threshold), so `Scorer.load(path)` needs nothing else. Fitted with `cascade.enabled`,
+A saved scorer carries its whole config (encoder, tiles, flow, score) and the scores of its calibration tiles
+(whole reference slides held out of fitting and of early stopping, for the label-free threshold), so `Scorer.load(path)` needs nothing else. Fitted with `cascade.enabled`,
 it also carries the coarse pass of the cascade (wsi_qc.cascade) in its folder `coarse/`.
 """
 
@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from wsi_qc.cascade import PASSES, coarse_config, focus_values, in_range, settle
 from wsi_qc.config import load_config
 from wsi_qc.encoder import Encoder, stats_names
 from wsi_qc.errors import ConfigError
-from wsi_qc.flow import META_FILE, Flow
+from wsi_qc.flow import META_FILE, Flow, held_out
 from wsi_qc.rl2 import tile_rl2
 from wsi_qc.slide import Slide, slide_files
 from wsi_qc.tiles import Tiles, iter_tile_batches, prefetch, tile_slide
@@ -151,13 +151,19 @@ class SlideFeatures:
     timings: dict
 
 
-def slide_features(slide: Slide, encoder: Encoder, config: dict) -> SlideFeatures:
+def slide_features(slide: Slide, encoder: Encoder, config: dict, sample: int | None = None) -> SlideFeatures:
     """Tissue, tiles and features of one opened slide: the one path from a slide to features.
 
     Tiles are read ahead by a background thread (and by `tiles.workers` reader processes) while the encoder runs.
+    `sample`: only this many of the slide's tiles, drawn at random (seeded by flow.seed and the slide id), in order.
     """
     t0 = time.perf_counter()
     thumbnail, thumbnail_mpp, tissue, tiles = tile_slide(slide, config)
+    if sample is not None and len(tiles) > sample:
+        rng = np.random.default_rng([config["flow"]["seed"], *slide.id.encode()])
+        pick = np.sort(rng.permutation(len(tiles))[:sample])
+        tiles = replace(tiles, coords=tiles.coords[pick], grid_index=tiles.grid_index[pick],
+                        tissue_fraction=tiles.tissue_fraction[pick])
     t1 = time.perf_counter()
     t = config["tiles"]
     it = prefetch(iter_tile_batches(slide, tiles, batch_size=t["batch_size"], workers=t["workers"]))
@@ -317,28 +323,56 @@ class Scorer:
         aggregate(np.zeros((1, 1, 1)), self.aggregate)  # an unknown aggregate is refused here
         self.meta: dict = {}
         self.heldout_: dict[str, np.ndarray] = {}
+        self.inlier_: np.ndarray | None = None  # calibration tiles in the cut (cohort scorers; None: all)
         self.coarse: Scorer | None = None  # the cascade's coarse pass, when fitted with it
         self.focus_: np.ndarray | None = None  # the reference tiles' focus values (wsi_qc.cascade.FOCUS_STATS)
 
     @classmethod
-    def fit(cls, features: np.ndarray, encoder: Encoder, config: dict, groups=None) -> "Scorer":
+    def fit(cls, features: np.ndarray, encoder: Encoder, config: dict, groups=None,
+            calibration: np.ndarray | None = None, max_rows: int | None = None) -> "Scorer":
         """Fit the flow on reference features from `encoder`: (N, D) pooled or (N, g, g, D) local.
 
-        `groups` (N,), e.g. the slide of each tile, keeps whole groups on one side of the flow's validation
-        split when there are at least 3 of them (else tiles are held out); the held-out tiles' scores are kept.
+        `groups` (N,), e.g. the slide of each tile, keeps whole groups together (at least 3 of them, else tiles)
+        when `reference.calibration_fraction` of them is held out as calibration tiles (out of fitting and early
+        stopping; their scores set the label-free cut) and when the flow holds out its early-stopping part.
+        `calibration` (N,) bool overrides the draw (all False: every tile fits the flow, none calibrates).
+        `max_rows`: the flow is fitted on at most this many feature vectors (positions), drawn at random (seeded).
+        `fitted_` and `calibration_` (N,) bool: the tiles the flow was fitted on, and those that calibrate.
         """
         features = np.asarray(features, dtype=np.float32)
         n = len(features)
-        tile_groups = holdout_groups(groups, n)
+        if calibration is None:
+            rng = np.random.default_rng(config["flow"]["seed"])
+            calibration = held_out(holdout_groups(groups, n), config["reference"]["calibration_fraction"], rng)
+        fit = ~np.asarray(calibration, bool)
         per_tile = int(np.prod(features.shape[1:-1])) if features.ndim == 4 else 1
-        rows = features.reshape(-1, features.shape[-1])
-        flow = flow_from_config(config).fit(rows, groups=np.repeat(tile_groups, per_tile),
-                                            tiles=np.repeat(np.arange(n), per_tile))
+        tile_groups = holdout_groups(None if groups is None else np.asarray(groups)[fit], int(fit.sum()))
+        rows = features[fit].reshape(-1, features.shape[-1])
+        row_groups, row_tiles = np.repeat(tile_groups, per_tile), np.repeat(np.arange(int(fit.sum())), per_tile)
+        if max_rows is not None and len(rows) > max_rows:
+            pick = np.sort(np.random.default_rng(config["flow"]["seed"]).permutation(len(rows))[:max_rows])
+            rows, row_groups, row_tiles = rows[pick], row_groups[pick], row_tiles[pick]
+        flow = flow_from_config(config)
+        if n < flow.min_reference:  # counted on every reference tile, the calibration tiles included
+            raise ConfigError(f"got {n} reference tiles; the flow needs at least {flow.min_reference}, add reference "
+                              f"tiles or lower flow.min_reference")
+        flow.min_reference = min(flow.min_reference, int(fit.sum()))
+        flow.fit(rows, groups=row_groups, tiles=row_tiles)
         scorer = cls(encoder, flow, config)
-        scorer.n_reference_ = n
-        held = np.unique(flow.val_rows_ // per_tile)
-        scorer.heldout_ = scorer.score_maps_all(features[held]) if len(held) else {}
-        return scorer
+        scorer.n_reference_, scorer.fitted_, scorer.calibration_ = n, fit, ~fit
+        return scorer.set_calibration(features[~fit])
+
+    def set_calibration(self, features: np.ndarray, trim_z: float | None = None) -> "Scorer":
+        """Keep both scores of calibration tiles (features never fitted on) for the label-free cut; with `trim_z`,
+        only their inlier core counts (wsi_qc.cohort.inliers: tiles of contaminated inputs above the core are
+        left out of the cut). Returns self."""
+        self.heldout_ = self.score_maps_all(features) if len(features) else {}
+        self.inlier_ = None
+        if trim_z is not None and self.heldout_:
+            from wsi_qc.cohort.robust import inliers
+
+            self.inlier_ = inliers(self._tile_scores(self.heldout_[self.score_kind]), trim_z)
+        return self
 
     def fit_cascade(self, coarse_features: np.ndarray, encoder: Encoder, groups=None) -> "Scorer":
         """Fit the cascade's coarse pass on the coarse features (`encoder`, from coarse_config) of the same
@@ -456,12 +490,22 @@ class Scorer:
         return pd.DataFrame({"slide": slide.id, "x": found.tiles.coords[:, 0], "y": found.tiles.coords[:, 1],
                              "rl2": scores["rl2"], "nll": scores["nll"]})
 
-    def heldout_scores(self) -> np.ndarray:
-        """Tile scores of the reference tiles held out of fitting (for the label-free threshold)."""
-        if self.score_kind not in self.heldout_:
-            raise ConfigError("this scorer kept no held-out reference tiles; refit it with flow.val_fraction > 0")
-        values = self.heldout_[self.score_kind]
+    def _tile_scores(self, values: np.ndarray) -> np.ndarray:
         return values if self.kind == "pooled" else aggregate(values, self.aggregate)
+
+    def heldout_scores(self) -> np.ndarray:
+        """Tile scores of the calibration tiles (held out of fitting) that set the label-free threshold: their
+        inlier core when the scorer was fitted as a cohort (`trimmed` says how many were left out)."""
+        if self.score_kind not in self.heldout_:
+            raise ConfigError("this scorer kept no calibration tiles; refit it with reference.calibration_fraction "
+                              "> 0 (on at least 3 slides for a cut by slide)")
+        values = self._tile_scores(self.heldout_[self.score_kind])
+        return values if self.inlier_ is None else values[self.inlier_]
+
+    @property
+    def trimmed(self) -> int:
+        """Calibration tiles left out of the label-free cut as outliers of a cohort (0 for a curated reference)."""
+        return 0 if self.inlier_ is None else int((~self.inlier_).sum())
 
     def save(self, path: str | Path) -> Path:
         """Write the scorer folder (and its coarse pass under coarse/, bound to it by fingerprint)."""
@@ -469,7 +513,8 @@ class Scorer:
         meta = {"encoder": self.encoder.meta(), "scorer": {
             "format": SCORER_FORMAT, "kind": self.kind,
             "config": {section: self.config[section] for section in SCORER_SECTIONS},
-            "heldout": {k: np.round(v.astype(np.float64), 6).tolist() for k, v in self.heldout_.items()}}}
+            "heldout": {k: np.round(v.astype(np.float64), 6).tolist() for k, v in self.heldout_.items()},
+            "heldout_inlier": None if self.inlier_ is None else self.inlier_.tolist()}}
         shutil.rmtree(path / COARSE_DIR, ignore_errors=True)
         if self.coarse is not None:
             self.coarse.save(path / COARSE_DIR)
@@ -504,6 +549,8 @@ class Scorer:
         scorer.meta = meta
         shape = (-1,) if scorer.kind == "pooled" else (-1, encoder.grid, encoder.grid)
         scorer.heldout_ = {k: np.asarray(v, np.float32).reshape(shape) for k, v in info.get("heldout", {}).items()}
+        inlier = info.get("heldout_inlier")
+        scorer.inlier_ = None if inlier is None else np.asarray(inlier, bool)
         scorer._load_cascade(path, info.get("cascade"), defaults["cascade"])
         return scorer
 

@@ -88,23 +88,29 @@ class Threshold:
         log.info("threshold %.4g (%s), AUC %.3f on %d good / %d bad tiles", cut, self.rule, self.auc_, n_good, n_bad)
         return self
 
-    def fit_label_free(self, reference_scores) -> Threshold:
-        """Fit rule "false_discard" on the scores of held-out known-good reference tiles; returns self."""
+    def fit_label_free(self, reference_scores, trimmed: int = 0) -> Threshold:
+        """Fit rule "false_discard" on the scores of calibration tiles (known-good, or a cohort's inlier core with
+        `trimmed` tiles above it left out); returns self. `bound_` is the false-discard rate the cut achieves
+        (achieved_bound)."""
         self._check_params()
         if self.rule != "false_discard":
             raise ConfigError(f"a label-free threshold needs rule 'false_discard', got {self.rule!r}; pass "
                               f"--false-discard RATE or set threshold.rule: false_discard and threshold.value")
         scores = np.asarray(reference_scores, dtype=float).ravel()
-        self.threshold_ = conformal_threshold(scores, float(self.value))
-        if conformal_rank(len(scores), float(self.value)) == len(scores):  # the cut is the highest score
-            log.warning("%d held-out reference tiles cannot resolve a %g %% false-discard rate (that needs %d): the cut "
-                        "is their highest score; fit the reference on more slides for a finer cut", len(scores),
-                        100 * float(self.value), math.ceil(round(2 / float(self.value) - 1, 9)))
+        rate = float(self.value)
+        self.threshold_ = conformal_threshold(scores, rate)
+        self.bound_, self.trimmed_ = achieved_bound(len(scores), rate), int(trimmed)
+        if conformal_rank(len(scores), rate) == len(scores):  # the cut is the highest score
+            log.warning("%d calibration tiles cannot resolve a %g %% false-discard rate (that needs %d): the cut is "
+                        "their highest score, and it holds at most %.1f %%; fit the reference on more slides for a "
+                        "finer cut", len(scores), 100 * rate, math.ceil(round(2 / rate - 1, 9)), 100 * self.bound_)
         self.auc_, self.auc_ci_ = float("nan"), (float("nan"), float("nan"))
         self.roc_ = (np.zeros(0), np.zeros(0), np.sort(scores)[::-1])  # no ROC: the held-out scores as thresholds
         self.n_good_, self.n_bad_ = len(scores), 0
-        log.info("label-free threshold %.4g: %.1f %% of %d held-out reference tiles above it at most",
-                 self.threshold_, 100 * float(self.value), len(scores))
+        log.info("label-free threshold %.4g: a good tile like the %d calibration tiles scores above it with "
+                 "probability at most %.2f %% (target %g %%)%s", self.threshold_, len(scores), 100 * self.bound_,
+                 100 * rate, f"; {trimmed} calibration tiles above the cohort's inlier core left out (were any of "
+                 f"them good, add up to {100 * trimmed / (len(scores) + trimmed):.1f} %)" if trimmed else "")
         return self
 
     def keep(self, scores) -> np.ndarray:
@@ -141,6 +147,8 @@ class Threshold:
             "roc": {"fpr": np.asarray(fpr, float).tolist(), "tpr": np.asarray(tpr, float).tolist(),
                     "thresholds": [_finite_or_none(v) for v in thresholds]},
             "n_good": int(self.n_good_), "n_bad": int(self.n_bad_), "wsi_qc_version": __version__,
+            **({"false_discard_bound": float(self.bound_), "trimmed": int(self.trimmed_)} if self.rule == "false_discard"
+               and "bound_" in self.__dict__ else {}),
         }
 
     def save(self, path: str | Path, scorer_fingerprint: str, score: dict | None = None) -> Path:
@@ -176,6 +184,8 @@ class Threshold:
         self.roc_ = (np.asarray(roc["fpr"], float), np.asarray(roc["tpr"], float),
                      np.array([np.inf if v is None else v for v in roc["thresholds"]], float))
         self.n_good_, self.n_bad_ = int(d["n_good"]), int(d["n_bad"])
+        if "false_discard_bound" in d:
+            self.bound_, self.trimmed_ = float(d["false_discard_bound"]), int(d.get("trimmed", 0))
         if scorer_fingerprint is not None and saved != scorer_fingerprint:
             raise ConfigError(f"calibration {path} was fitted for scorer fingerprint {saved}, but the scorer in use "
                               f"has fingerprint {scorer_fingerprint}; recalibrate with "
@@ -328,3 +338,10 @@ def conformal_rank(n: int, false_discard: float) -> int:
     """Rank (1-based, ascending) of the label-free cut among n held-out scores: ceil((n + 1)(1 - false_discard)),
     at most n."""
     return min(int(np.ceil((n + 1) * (1 - false_discard))), n)
+
+
+def achieved_bound(n: int, false_discard: float) -> float:
+    """The false-discard rate the label-free cut of n calibration scores achieves: a new tile exchangeable with
+    them scores above the conformal_rank-th smallest with probability (n + 1 - rank) / (n + 1) (at most
+    `false_discard` when n >= 1 / false_discard - 1; 1 / (n + 1) when the cut is their highest score)."""
+    return (n + 1 - conformal_rank(n, false_discard)) / (n + 1)
