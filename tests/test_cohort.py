@@ -143,6 +143,10 @@ def test_fit_reference_cohort_then_calibrate_cuts_on_the_inlier_core(qc_kit, tmp
     assert f"like the {len(loaded.heldout_scores())} calibration tiles" in printed
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["trimmed"] == loaded.trimmed and 0 < saved["false_discard_bound"] <= 0.05
+    # no labels and no rate: a cohort scorer is cut without labels at reference.false_discard (0.02)
+    assert main(["calibrate", "--scorer", str(scorer), "--out", str(tmp_path / "d.json"),
+                 "--config", str(qc_kit.config)]) == 0
+    assert json.loads((tmp_path / "d.json").read_text())["value"] == 0.02
 
 
 def test_qc_folder_without_a_scorer_in_python(qc_kit, tmp_path):

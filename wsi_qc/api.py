@@ -58,16 +58,13 @@ def fit_threshold(scorer: str | Path, labels: str | Path | None = None, *, good=
                   false_discard: float | None = None, out: str | Path = "calibration.json",
                   config: ConfigLike = None, roc: str | Path | None = None, verbose: bool = False) -> dict:
     """Fit the threshold of a saved scorer: on labelled tiles (labels CSV, or good/bad folders), or without
-    labels at a false-discard rate of its held-out reference tiles; writes `out` and returns a summary."""
+    labels at a false-discard rate of its calibration tiles (a cohort scorer without labels or a rate: at
+    reference.false_discard); writes `out` and returns a summary."""
     from wsi_qc.calibrate import calibrate as fit
 
     config = as_config(config)
     if false_discard is not None:
         config["threshold"].update(rule="false_discard", value=false_discard)
-    if config["threshold"]["rule"] != "false_discard" and labels is None and good is None:
-        raise ConfigError("calibration needs labelled tiles (a labels CSV, or folders of good and bad tiles) or a "
-                          "false-discard rate for a label-free cut: wsi-qc calibrate --labels CSV | --good DIR --bad "
-                          "DIR | --false-discard 0.02; in Python fit_threshold(labels=...) or false_discard=0.02")
     return fit(config, scorer, labels=labels, good=good, bad=bad, out=out, roc=roc, verbose=verbose)
 
 

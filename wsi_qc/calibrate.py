@@ -86,6 +86,14 @@ def calibrate(config: dict, scorer_path: str | Path, labels=None, good=None, bad
     scorer = Scorer.load(scorer_path, config)
     config = scorer.config
     out = Path(out)
+    if config["threshold"]["rule"] != "false_discard" and labels is None and good is None:
+        if scorer.inlier_ is None:
+            raise ConfigError("calibration needs labelled tiles (a labels CSV, or folders of good and bad tiles) or a "
+                              "false-discard rate for a label-free cut: wsi-qc calibrate --labels CSV | --good DIR "
+                              "--bad DIR | --false-discard 0.02; in Python fit_threshold(labels=...) or "
+                              "false_discard=0.02")
+        config["threshold"] = {**config["threshold"], "rule": "false_discard",  # a cohort scorer: its own cut
+                               "value": config["reference"]["false_discard"]}
     if config["threshold"]["rule"] == "false_discard":
         threshold = Threshold(**config["threshold"]).fit_label_free(scorer.heldout_scores(), scorer.trimmed)
         threshold.save(out, scorer.fingerprint, config["score"])
