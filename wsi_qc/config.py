@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import yaml
 
 from wsi_qc import schema
+from wsi_qc.identity import json_digest
 from wsi_qc.errors import ConfigError
 
 
@@ -83,10 +82,10 @@ def load_config(*paths: str | Path | None, overrides: dict | None = None,
 
 
 def fingerprint(config: dict, sections: tuple[str, ...] | None = None) -> str:
-    """Short sha256 of the named sections (all when None), stable across key order."""
+    """Key: the named sections' values (all when None) as JSON, stable across key order; 16 hex digits of
+    identity.json_digest."""
     part = config if sections is None else {k: config[k] for k in sections}
-    blob = json.dumps(part, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest(part, 16)
 
 
 def resolve_device(device: str, what: str):

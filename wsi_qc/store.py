@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ import zarr
 
 from wsi_qc import __version__
 from wsi_qc.errors import ConfigError
+from wsi_qc.identity import text_digest
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def slide_key(slide_id: str) -> str:
         raise ConfigError(f"slide id {slide_id!r} cannot name a slide in the store; rename the slide file")
     key = re.sub(r"^(__+|\.+)", "_", key)  # "__" is reserved by zarr v3, "." names the store's temporary folders
     if len(key) > MAX_KEY:
-        key = f"{key[:MAX_KEY - 17]}-{hashlib.sha256(str(slide_id).encode()).hexdigest()[:16]}"
+        key = f"{key[:MAX_KEY - 17]}-{text_digest(str(slide_id), 16)}"
     return key
 
 
