@@ -507,3 +507,23 @@ def test_a_slide_mostly_above_the_threshold_is_done_with_a_warning(qc_kit, tmp_p
     assert f"slide {row['slide']}: 100 % of its tiles" in caplog.text
     skipped = run_slides(qc_kit.slides[:1], qc_kit.scorer, tmp_path / "low.json", _config(qc_kit), out, tmp_path / "r")
     assert skipped[0]["status"] == "skipped" and skipped[0]["warning"] == row["warning"]  # from the store's attrs
+
+
+def test_nan_scores_fail_the_slide_with_a_clear_error(qc_kit, tmp_path, monkeypatch):
+    from wsi_qc.scorer import Scorer
+
+    score_tiles = Scorer.score_tiles
+
+    def broken(self, features, kind=None):  # a damaged network: some tiles score NaN
+        scores, maps = score_tiles(self, features, kind)
+        scores = scores.copy()
+        scores[:1] = np.nan
+        return scores, maps
+
+    monkeypatch.setattr(Scorer, "score_tiles", broken)
+    out = tmp_path / "qc.zarr"
+    rows = run_slides(qc_kit.slides[1:3], qc_kit.scorer, qc_kit.calibration, _config(qc_kit), out, tmp_path / "r")
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("scored NaN or inf" in r["error"] and "ScoreError" in r["error"] for r in rows)
+    assert list_slides(open_store(out, create=False)) == {}  # nothing stored as done
+

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from wsi_qc import __version__
 from wsi_qc.config import fingerprint, load_config
-from wsi_qc.errors import ConfigError, SlideError
+from wsi_qc.cpu_runtime import cache_dir
+from wsi_qc.errors import ConfigError, ScoreError, SlideError
 from wsi_qc.report import overlay_png, thumbnail_png, write_geojson, write_run_report  # noqa: F401 (re-exported)
 from wsi_qc.cascade import PASSES
 from wsi_qc.scorer import Scorer, slide_scores
@@ -193,6 +194,7 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
                                                              found.tiles, dict(found.timings))
             scores = found.scores
             rl2, rl2_map = scores["rl2"].astype(np.float32), scores["rl2_map"]
+            _check_scores(rl2, slide_id, scorer_path)
             keep = threshold.keep(rl2) & ~scores["discard"]
             grid = grid_image(tiles, np.where(keep, 1, 2).astype(np.uint8))
             attrs = {"source": str(path.resolve()), "sha256_head": slide.sha256_head(), "mpp": slide.mpp,
@@ -231,6 +233,15 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
         row["error"] = f"{type(exc).__name__}: {exc}"
         row["traceback"] = traceback.format_exc()
         return row
+
+
+def _check_scores(rl2: np.ndarray, slide_id: str, scorer_path) -> None:
+    """Refuse a slide whose tiles scored NaN or inf: never stored as done with 0 % kept."""
+    bad = int((~np.isfinite(rl2)).sum())
+    if bad:
+        raise ScoreError(f"slide {slide_id}: {bad} of {len(rl2)} tiles scored NaN or inf with scorer {scorer_path}; "
+                         f"its networks give non-finite numbers (a damaged export in {cache_dir()}: delete that folder "
+                         f"and rerun; or set encoder.cpu_runtime and flow.cpu_runtime to torch; or refit the scorer)")
 
 
 def _slide_id(path: Path) -> str:
