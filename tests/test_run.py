@@ -527,3 +527,22 @@ def test_nan_scores_fail_the_slide_with_a_clear_error(qc_kit, tmp_path, monkeypa
     assert all("scored NaN or inf" in r["error"] and "ScoreError" in r["error"] for r in rows)
     assert list_slides(open_store(out, create=False)) == {}  # nothing stored as done
 
+
+def test_a_slide_replaced_under_the_same_name_is_redone(qc_kit, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(qc_kit.slides[1], folder / "s.tif")
+    config, out, report_dir = _config(qc_kit), tmp_path / "qc.zarr", tmp_path / "report"
+    first = run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)
+    assert first[0]["status"] == "done"
+    assert run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)[0]["status"] \
+        == "skipped"
+    shutil.copy(qc_kit.slides[2], folder / "s.tif")  # rescanned: another file under the same name
+    again = run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)
+    assert again[0]["status"] == "done"
+    stored = read_slide(open_store(out, create=False), "s")
+    assert stored["attrs"]["source_state"]["size"] == qc_kit.slides[2].stat().st_size
+    assert stored["attrs"]["sha256_head"] == stored["attrs"]["source_state"]["head"]
+    os.utime(folder / "s.tif", ns=(1, 1))  # touched (same bytes, another mtime): redone too
+    assert run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)[0]["status"] \
+        == "done"

@@ -371,3 +371,17 @@ def test_consolidate_and_reopen(tmp_path):
     consolidate(path)
     plain = zarr.open_group(path, mode="r")
     assert sorted(plain.group_keys()) == ["s1", "s2"] and plain.attrs["wsi_qc"]["auc"] == 0.8
+
+
+def test_done_requires_the_same_source_file_when_asked(tmp_path):
+    root = open_store(tmp_path / "qc.zarr")
+    state = {"size": 10, "mtime_ns": 5, "head": "sha256:ab:10"}
+    arrays = dict(coords=np.zeros((1, 2), np.int32), rl2=np.zeros(1), keep=np.ones(1, bool),
+                  grid=np.ones((1, 1), np.uint8), tissue=np.ones((2, 2), bool))
+    write_slide(root, "s1", **arrays, attrs={"fingerprint": "fp1", "source_state": state, "sha256_head": state["head"]})
+    assert slide_done(root, "s1", "fp1", source_state=state) and slide_done(root, "s1", "fp1")
+    assert not slide_done(root, "s1", "fp1", source_state={**state, "mtime_ns": 6})
+    assert not slide_done(root, "s1", "fp1", source_state={**state, "head": "sha256:cd:10"})
+    write_slide(root, "old", **arrays, attrs={"fingerprint": "fp1", "sha256_head": state["head"]})  # older store
+    assert slide_done(root, "old", "fp1", source_state=state)
+    assert not slide_done(root, "old", "fp1", source_state={**state, "head": "sha256:cd:10"})

@@ -2,7 +2,8 @@
 
 Each slide is tiled, encoded, scored and thresholded, then written to the store (status "done" last)
 with its overlay PNG and GeoJSON. A slide that fails is recorded and the batch goes on; a rerun skips
-slides already done with the same fingerprint. Tiles are read by a background thread (and, outside
+slides already done with the same fingerprint from the same file (identity.file_state: size, mtime and the digest
+of its first MiB), and redoes a slide whose file was replaced. Tiles are read by a background thread (and, outside
 Dask, by `tiles.workers` reader processes) while the encoder runs, so reading hides behind encoding.
 """
 
@@ -32,6 +33,7 @@ from wsi_qc import __version__
 from wsi_qc.config import fingerprint, load_config
 from wsi_qc.cpu_runtime import cache_dir
 from wsi_qc.errors import ConfigError, ScoreError, SlideError
+from wsi_qc.identity import file_state
 from wsi_qc.report import overlay_png, thumbnail_png, write_geojson, write_run_report  # noqa: F401 (re-exported)
 from wsi_qc.cascade import PASSES
 from wsi_qc.scorer import Scorer, slide_scores
@@ -183,7 +185,12 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
         fp = run_fingerprint(config, scorer, threshold)
         root = open_store(out)
         stored = ("features",) if config["run"]["save_features"] else ()
-        if not force and slide_done(root, slide_id, fp, arrays=stored):
+        try:  # before reading: a file replaced while it is read is redone next time
+            source_state = file_state(path)
+        except OSError:  # opening it below fails with the slide's own error
+            source_state = None
+        if not force and source_state is not None and slide_done(root, slide_id, fp, arrays=stored,
+                                                                 source_state=source_state):
             found = read_slide(root, slide_id)
             return _summary(slide_id, path, found["attrs"], found["rl2"], "skipped", time.perf_counter() - start)
         _reset_peak_rss()
@@ -197,7 +204,8 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
             _check_scores(rl2, slide_id, scorer_path)
             keep = threshold.keep(rl2) & ~scores["discard"]
             grid = grid_image(tiles, np.where(keep, 1, 2).astype(np.uint8))
-            attrs = {"source": str(path.resolve()), "sha256_head": slide.sha256_head(), "mpp": slide.mpp,
+            attrs = {"source": str(path.resolve()), "sha256_head": source_state["head"],
+                     "source_state": source_state, "mpp": slide.mpp,
                      "tile_mpp": tiles.mpp, "tile_size": tiles.size, "thumbnail_mpp": thumb_mpp,
                      "n_tiles": int(len(rl2)), "n_keep": int(keep.sum()), "threshold": float(threshold.threshold_),
                      "score_kind": scorer.score_kind, "scorer_kind": scorer.kind, "fingerprint": fp,

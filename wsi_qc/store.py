@@ -3,8 +3,9 @@
 Layout::
 
     qc.zarr/            attrs {"wsi_qc": {"version", "config", "scorer", "threshold", "auc"}}
-      <slide_id>/       attrs: source, sha256_head, mpp, tile size/mpp, n_tiles, n_keep, fingerprint,
-                               timings, ..., status ("writing" while arrays are written, "done" last)
+      <slide_id>/       attrs: source, sha256_head, source_state (identity.file_state: size, mtime, head digest
+                               of the slide file when it was read), mpp, tile size/mpp, n_tiles, n_keep,
+                               fingerprint, timings, ..., status ("writing" while arrays are written, "done" last)
         coords int32 (N, 2), rl2 float32 (N,), keep bool (N,), grid uint8 (rows, cols) ("y", "x"),
         tissue bool (h, w) ("y", "x"), features float32 (N, D) or (N, g, g, D) (optional),
         rl2_map float32 (N, h, w) ("tile", "y", "x") (optional),
@@ -299,13 +300,19 @@ def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tis
     return root[key]
 
 
-def slide_done(root: zarr.Group, slide_id: str, fingerprint: str, arrays: tuple[str, ...] = ()) -> bool:
+def slide_done(root: zarr.Group, slide_id: str, fingerprint: str, arrays: tuple[str, ...] = (),
+               source_state: dict | None = None) -> bool:
     """True when the slide's group is complete (status "done", every required array and `arrays` present with
-    one row per tile) and was written under this fingerprint."""
+    one row per tile), was written under this fingerprint and, given `source_state` (identity.file_state of the
+    slide file now), from a file of that size, mtime and head digest (a group of an older store, without a
+    source_state, from a file of that head digest and size)."""
     group = _live(root).get(slide_key(slide_id))
     if not isinstance(group, zarr.Group):
         return False
     if group.attrs.get("status") != DONE or group.attrs.get("fingerprint") != fingerprint:
+        return False
+    if source_state is not None and not _same_source(dict(group.attrs), source_state):
+        log.info("slide %s: its file changed since it was stored (size, mtime or content); redoing it", slide_id)
         return False
     try:
         shapes = {name: group[name].shape for name in (*REQUIRED, *arrays)}
@@ -316,6 +323,13 @@ def slide_done(root: zarr.Group, slide_id: str, fingerprint: str, arrays: tuple[
     per_tile = [shape[0] for name, shape in shapes.items() if name not in ("grid", "tissue")]
     return (shapes["coords"] == (n, 2) and all(rows == n for rows in per_tile)
             and len(shapes["grid"]) == 2 and len(shapes["tissue"]) == 2)
+
+
+def _same_source(attrs: dict, state: dict) -> bool:
+    saved = attrs.get("source_state")
+    if isinstance(saved, dict):
+        return saved == state
+    return attrs.get("sha256_head") == state["head"]
 
 
 def read_slide(root: zarr.Group, slide_id: str) -> dict:
