@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import zarr
 from PIL import Image
 
 from benchmarks.report import Chromium
+from wsi_qc import run as run_module
 from wsi_qc.config import load_config
 from wsi_qc.errors import ConfigError
 from wsi_qc.run import (check_inputs, collect_slides, discard_warning, export_tiles, result_config, run_fingerprint,
@@ -29,6 +31,14 @@ from wsi_qc.store import list_slides, open_store, read_slide, slide_key, write_s
 from wsi_qc.tiles import prefetch
 
 PATTERN = "*.svs,*.tif,*.tiff"
+_QC_SLIDE = run_module.qc_slide
+
+
+def _qc_or_die(path, *args):
+    """qc_slide, except that the worker process dies (SIGKILL) on a slide named crash-*."""
+    if Path(path).stem.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _QC_SLIDE(path, *args)
 
 
 def _config(kit, **run):
@@ -475,6 +485,39 @@ def test_local_dask_cluster_runs_every_slide(qc_kit, tmp_path):
                                                                                          "good-2"]
     root = open_store(tmp_path / "qc.zarr", create=False)
     assert all(read_slide(root, r["slide"])["attrs"]["n_tiles"] == r["n_tiles"] > 0 for r in rows)
+
+
+def _with_a_crashing_slide(kit, folder):
+    folder.mkdir()
+    for i, name in enumerate(("good-0", "crash-1", "good-2", "good-3")):
+        os.symlink(kit.slides[i], folder / f"{name}.tif")
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", [None, "local"])
+def test_a_worker_that_dies_fails_only_its_slide(qc_kit, tmp_path, monkeypatch, scheduler):
+    """--workers 2 and --scheduler local: a worker SIGKILLed on one slide gives that slide a failed row, the others
+    are done, the report is written; relative paths reach the workers as absolute ones."""
+    if scheduler:  # no retries of a task whose worker died, one task per worker thread at a time
+        dask = pytest.importorskip("dask")
+        pytest.importorskip("distributed")
+        monkeypatch.setattr(dask.config, "config", dask.config.merge(dask.config.config, {"distributed": {
+            "scheduler": {"allowed-failures": 0, "worker-saturation": 1.0}}}))
+    paths = _with_a_crashing_slide(qc_kit, tmp_path / "slides")
+    monkeypatch.setattr(run_module, "qc_slide", _qc_or_die)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(qc_kit.config, overrides={"run": {"workers": 2, "scheduler": scheduler, "overlays": False}})
+    relative = [p.relative_to(tmp_path) for p in paths]
+    rows = run_slides(relative, qc_kit.scorer, qc_kit.calibration, config, Path("qc.zarr"), Path("report"))
+    assert [(r["slide"], r["status"]) for r in rows] == [("crash-1", "failed"), ("good-0", "done"),
+                                                         ("good-2", "done"), ("good-3", "done")]
+    assert [r["path"] for r in rows] == [str(p) for p in relative]  # as given
+    assert rows[0]["error"].startswith("WorkerDied") and "died" in rows[0]["error"]
+    files = write_run_report(rows, tmp_path / "qc.zarr", tmp_path / "report")
+    assert "crash-1" in files["csv"].read_text()
+    assert list_slides(open_store(tmp_path / "qc.zarr", create=False)) == {s: "done" for s in
+                                                                          ("good-0", "good-2", "good-3")}
 
 
 def test_write_slide_groups_are_independent_of_the_root(tmp_path):

@@ -20,7 +20,8 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -315,43 +316,122 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
 
 
 def _run_all(paths: list[Path], args: tuple[str, str], config: dict, out, report_dir, force: bool) -> list[dict]:
-    """One report row per slide, from local processes, Dask or this process (run.workers, run.scheduler)."""
-    run = config["run"]
-    rows: list[dict] = []
-    bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)
-    if run["scheduler"]:
-        from distributed import Client, LocalCluster, as_completed as dask_completed
+    """One report row per slide, from local processes, Dask or this process (run.workers, run.scheduler).
 
-        cfg = _no_reader_processes(config)
-        if run["scheduler"] == "local":
-            cluster = LocalCluster(n_workers=run["workers"], threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
-            client = Client(cluster)
-        else:
-            cluster, client = None, Client(run["scheduler"])
-        try:
-            futures = [client.submit(qc_slide, str(p), *args, cfg, str(out), str(report_dir), force, pure=False)
-                       for p in paths]
-            for fut in dask_completed(futures):
-                rows.append(fut.result())
-                bar.update()
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-    elif run["workers"] > 1:
-        with ProcessPoolExecutor(run["workers"], mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_die_with_parent) as pool:
-            futures = [pool.submit(qc_slide, str(p), *args, config, str(out), str(report_dir), force)
-                       for p in paths]
-            for fut in as_completed(futures):
-                rows.append(fut.result())
-                bar.update()
+    Worker processes and Dask workers get absolute paths (a remote worker resolves relative ones against its own
+    folder); each row keeps the path as given. A worker that dies (killed, out of memory, crashed) fails only
+    the slide it was processing (_in_pool, _on_dask): the other slides finish and every slide has its row.
+    """
+    run = config["run"]
+    bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)
+    if run["scheduler"] or run["workers"] > 1:
+        given = {str(Path(p).absolute()): str(p) for p in paths}
+        args = tuple(str(Path(a).absolute()) for a in args)
+        common = (*args, str(Path(out).absolute()), str(Path(report_dir).absolute()), force)
+        each = _on_dask if run["scheduler"] else _in_pool
+        rows = each(list(given), common, config, bar)
+        for row in rows:
+            row["path"] = given.get(row["path"], row["path"])
     else:
+        rows = []
         for p in paths:
             rows.append(qc_slide(p, *args, config, out, report_dir, force))
             bar.update()
     bar.close()
+    return rows
+
+
+def _died(path: str, why: str) -> dict:
+    """The report row of a slide whose worker died while processing it."""
+    log.warning("slide %s failed: %s", path, why)
+    row = _summary(_safe_id(Path(path)), Path(path), {}, None, "failed", 0.0)
+    row["error"] = f"WorkerDied: {why}"
+    return row
+
+
+def _safe_id(path: Path) -> str:
+    try:
+        return _slide_id(path)
+    except SlideError:
+        return path.stem or path.name
+
+
+def _in_pool(paths: list[str], common: tuple, config: dict, bar) -> list[dict]:
+    """Rows of slides QCed in run.workers local processes, at most one slide per process in flight. When a process
+    dies the pool breaks and every slide in flight is in doubt: each of those is redone alone in a fresh process
+    (a slide that kills its process again fails, naming that), the rest go on in a fresh pool."""
+    workers = config["run"]["workers"]
+    todo, rows, doubt = list(paths), [], []
+
+    def pool(n):
+        return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent)
+
+    while todo or doubt:
+        for path in doubt:  # alone: a death here is this slide's
+            with pool(1) as alone:
+                try:
+                    rows.append(alone.submit(qc_slide, path, *common[:2], config, *common[2:]).result())
+                except BrokenProcessPool:
+                    rows.append(_died(path, "the worker process died while processing this slide (killed, out of "
+                                            "memory or crashed); run it alone (--workers 1) to see why"))
+            bar.update()
+        doubt = []
+        if not todo:
+            break
+        with pool(workers) as many:
+            running: dict = {}
+            while todo or running:
+                while todo and len(running) < workers:
+                    path = todo.pop(0)
+                    running[many.submit(qc_slide, path, *common[:2], config, *common[2:])] = path
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                broken = False
+                for fut in done:
+                    path = running.pop(fut)
+                    try:
+                        rows.append(fut.result())
+                        bar.update()
+                    except BrokenProcessPool:
+                        doubt.append(path)
+                        broken = True
+                if broken:  # the other slides in flight died with the pool, unless they had just finished
+                    for fut, path in running.items():
+                        if fut.done() and fut.exception() is None:
+                            rows.append(fut.result())
+                            bar.update()
+                        else:
+                            doubt.append(path)
+                    break
+    return rows
+
+
+def _on_dask(paths: list[str], common: tuple, config: dict, bar) -> list[dict]:
+    """Rows of slides QCed on Dask (run.scheduler: "local" starts a local cluster of run.workers processes, one
+    thread each). A task whose workers died (KilledWorker after Dask's retries) or that failed to run fails only
+    its slide."""
+    from distributed import Client, LocalCluster, as_completed as dask_completed
+
+    run, cfg = config["run"], _no_reader_processes(config)
+    if run["scheduler"] == "local":
+        cluster = LocalCluster(n_workers=run["workers"], threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    else:
+        cluster, client = None, Client(run["scheduler"])
+    rows = []
+    try:
+        futures = {client.submit(qc_slide, p, *common[:2], cfg, *common[2:], pure=False): p for p in paths}
+        for fut in dask_completed(futures):
+            try:
+                rows.append(fut.result())
+            except Exception as exc:  # KilledWorker, a worker's unpickling or comm error: this slide only
+                rows.append(_died(futures[fut], f"{type(exc).__name__}: the Dask worker running this slide died or "
+                                                f"could not run it ({str(exc)[:200]})"))
+            bar.update()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
     return rows
 
 
