@@ -52,19 +52,43 @@ def _merge(base: dict, override: dict, source: str, prefix: str = "") -> dict:
     return out
 
 
+class Config(dict):
+    """A loaded config: the plain dict of sections, which also knows the (section, key) pairs that a file or an
+    override set (`explicit`), so that a loaded scorer keeps its own value where the config only has the default.
+    Copies (copy.deepcopy, pickle) keep `explicit`; JSON and dict(...) drop it (with_explicit restores it)."""
+
+    explicit: frozenset = frozenset()
+
+
+def with_explicit(config: dict, explicit) -> Config:
+    """`config` as a Config whose explicitly set keys are `explicit` ((section, key) pairs)."""
+    out = Config(config)
+    out.explicit = frozenset(tuple(k) for k in explicit)
+    return out
+
+
+def explicit_keys(config: dict) -> frozenset | None:
+    """The (section, key) pairs a loaded config set explicitly, or None for a dict that does not know them."""
+    return getattr(config, "explicit", None)
+
+
 def load_config(*paths: str | Path | None, overrides: dict | None = None,
                 overrides_source: str = "overrides") -> dict[str, Any]:
     """Defaults, then each YAML file in order (a pipeline file may name a base with `base:`), then overrides.
 
     Every layer is checked against the schema (wsi_qc.schema) as it is merged: an unknown key, a wrong type,
     a value out of range or not among the choices raises ConfigError naming the key, the value and its source.
+    Returns a Config: its `explicit` names the keys the files and overrides set.
     """
     defaults = _read_yaml(DEFAULT_CONFIG)
     config = defaults
+    explicit: set[tuple[str, str]] = set()
 
     def layer(data: dict, source: str) -> dict:
         merged = _merge(config, data, source)
         schema.check(data, defaults, source)
+        explicit.update((section, key) for section, values in data.items() if isinstance(values, dict)
+                        for key in values)
         return merged
 
     for path in paths:
@@ -78,7 +102,7 @@ def load_config(*paths: str | Path | None, overrides: dict | None = None,
     if overrides:
         config = layer(overrides, overrides_source)
     schema.check_config(config)
-    return config
+    return with_explicit(config, explicit)
 
 
 def fingerprint(config: dict, sections: tuple[str, ...] | None = None) -> str:

@@ -165,10 +165,12 @@ def _fingerprint(weights: Path, meta: dict) -> str:
 class Flow:
     """Normalizing flow fitted on reference features; see the module docstring for the definitions."""
 
-    def __init__(self, pca_dim: int | None = None, n_blocks: int = 8, hidden: int = 256, clamp: float = 2.0,
-                 epochs: int = 200, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-5,
-                 val_fraction: float = 0.2, patience: int = 15, seed: int = 0, min_reference: int = 50,
+    def __init__(self, pca_dim: int | None = None, n_blocks: int = 6, hidden: int = 128, clamp: float = 2.0,
+                 epochs: int = 40, batch_size: int = 2048, lr: float = 1e-3, weight_decay: float = 1e-5,
+                 val_fraction: float = 0.2, patience: int = 5, seed: int = 0, min_reference: int = 50,
                  device: str = "cpu", cpu_runtime: str = "torch"):
+        # the hyper-parameters' defaults are configs/default.yaml's flow section (tests/test_scorer.py holds them
+        # equal); device and cpu_runtime default to plain torch on the CPU, the config's to auto and openvino
         self.pca_dim = pca_dim
         self.n_blocks = n_blocks
         self.hidden = hidden

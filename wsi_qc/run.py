@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from wsi_qc import __version__
-from wsi_qc.config import fingerprint, load_config
+from wsi_qc.config import explicit_keys, fingerprint, load_config, with_explicit
 from wsi_qc.cpu_runtime import cache_dir
 from wsi_qc.errors import ConfigError, ScoreError, SlideError
 from wsi_qc.identity import file_state
@@ -88,15 +88,17 @@ def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
 
 
 @lru_cache(maxsize=2)
-def _load(scorer_path: str, calibration_path: str, config_json: str) -> tuple[Scorer, Threshold]:
+def _load(scorer_path: str, calibration_path: str, config_json: str, explicit: tuple | None) -> tuple[Scorer, Threshold]:
     config = json.loads(config_json)
-    scorer = Scorer.load(scorer_path, config)
+    scorer = Scorer.load(scorer_path, config if explicit is None else with_explicit(config, explicit))
     return scorer, Threshold.load(calibration_path, scorer.fingerprint, scorer.config["score"])
 
 
 def check_inputs(scorer_path: str | Path, calibration_path: str | Path, config: dict) -> tuple[Scorer, Threshold]:
     """Load scorer and calibration (cached per process); run_slides calls it before any slide."""
-    return _load(str(scorer_path), str(calibration_path), json.dumps(config, sort_keys=True))
+    explicit = explicit_keys(config)
+    return _load(str(scorer_path), str(calibration_path), json.dumps(config, sort_keys=True),
+                 None if explicit is None else tuple(sorted(explicit)))
 
 
 def result_config(config: dict) -> dict:
@@ -289,7 +291,9 @@ def _die_with_parent() -> None:
 
 def _no_reader_processes(config: dict) -> dict:
     """Dask workers are daemonic and cannot start reader processes: they read tiles with a thread."""
-    return {**config, "tiles": {**config["tiles"], "workers": 0}}
+    out = {**config, "tiles": {**config["tiles"], "workers": 0}}
+    explicit = explicit_keys(config)
+    return out if explicit is None else with_explicit(out, explicit)
 
 
 def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str | Path, config: dict,

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from wsi_qc import __version__
 from wsi_qc.cascade import PASSES, coarse_config, focus_values, in_range, settled, to_scale, upsample
-from wsi_qc.config import load_config
+from wsi_qc.config import explicit_keys, load_config, with_explicit
 from wsi_qc.encoder import Encoder, stats_names
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import META_FILE, Flow
@@ -264,12 +264,17 @@ def folder_features(folder: str | Path, encoder: Encoder, config: dict) -> tuple
 
 def _merge_config(saved: dict, config: dict, defaults: dict, path: Path) -> dict:
     """The config a loaded scorer runs with: its own sections (SCORER_SECTIONS), where `config` may change the
-    run-time keys; `config` values equal to the defaults count as unset. A changed bound key is refused."""
-    merged = {**config}
+    run-time keys. Set means set explicitly (a Config from load_config knows which keys its files and overrides
+    set, even to the default); for a plain dict, values equal to the defaults count as unset. A bound key set to
+    another value than the scorer's is refused."""
+    explicit = explicit_keys(config)
+    merged = with_explicit(config, explicit) if explicit is not None else {**config}
     for section in SCORER_SECTIONS:
         merged[section] = {**config[section], **saved[section]}  # keys newer than the scorer: the config's
         for key, want in config[section].items():
-            if _plain(want) == _plain(defaults[section].get(key)) or _plain(want) == _plain(saved[section].get(key)):
+            unset = ((section, key) not in explicit if explicit is not None
+                     else _plain(want) == _plain(defaults[section].get(key)))
+            if unset or _plain(want) == _plain(saved[section].get(key)):
                 continue
             if key not in RUNTIME_KEYS.get(section, ()):
                 raise ConfigError(f"scorer {path} was fitted with {section}.{key}={saved[section].get(key)!r} but the "
