@@ -392,3 +392,31 @@ def test_class_defaults_are_the_default_config():
     same = {k: signature[k].default for k in signature if k in defaults["encoder"] and k not in differ}
     same["model_kwargs"] = same["model_kwargs"] or {}  # None stands for no extra arguments
     assert same and same == {k: defaults["encoder"][k] for k in same}
+
+
+def test_a_folder_of_slides_with_a_stray_png_is_refused_naming_both(tmp_path):
+    from wsi_qc.data import write_example_slide
+    from wsi_qc.scorer import _slides_in, image_paths
+
+    folder = tmp_path / "slides"
+    slide = write_example_slide(folder / "a.tif", size=(1024, 1024), mpp=0.5, seed=0)
+    assert _slides_in(folder, "*.tif") == [slide]  # a pyramidal TIFF is a slide, not a tile
+    Image.fromarray(_crops(1, 0)[0]).save(folder / "stray.png")
+    for call in (lambda: _slides_in(folder, "*.tif"), lambda: image_paths(folder, "*.tif")):
+        with pytest.raises(ConfigError, match=r"holds both slide files \(1, e\.g\. .*a\.tif\) and tile images "
+                                              r"\(1, e\.g\. .*stray\.png\)"):
+            call()
+    tiles = _write(tmp_path / "tiles", _crops(2, 1))
+    Image.fromarray(_crops(1, 2)[0]).save(tiles / "one-page.tif")  # a one-page TIFF is a tile image
+    assert _slides_in(tiles, "*.tif") == [] and [p.name for p in image_paths(tiles, "*.tif")] == [
+        "one-page.tif", "t000.png", "t001.png"]
+
+
+def test_a_decompression_bomb_tile_is_a_config_error(tmp_path, monkeypatch):
+    from wsi_qc.scorer import read_tile_images
+
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is above twice the limit
+    with pytest.raises(ConfigError, match="huge.png is too large for a tile image.*looks like a slide"):
+        read_tile_images([path], 64)
