@@ -589,3 +589,16 @@ def test_a_slide_replaced_under_the_same_name_is_redone(qc_kit, tmp_path):
     os.utime(folder / "s.tif", ns=(1, 1))  # touched (same bytes, another mtime): redone too
     assert run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)[0]["status"] \
         == "done"
+
+
+def test_a_slide_given_as_a_file_and_inside_its_folder_is_listed_once(tmp_path, monkeypatch):
+    (tmp_path / "slides" / "sub").mkdir(parents=True)
+    for name in ("a.tif", "sub/b.tif"):
+        (tmp_path / "slides" / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    found = collect_slides([tmp_path / "slides" / "a.tif", Path("slides"), Path("slides/sub/b.tif")], PATTERN)
+    assert [p.name for p in found] == ["a.tif", "b.tif"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.tif").write_bytes(b"y")
+    with pytest.raises(ConfigError, match="share the id 'a'"):  # another file of the same id is still refused
+        collect_slides([Path("slides"), tmp_path / "other" / "a.tif"], PATTERN)

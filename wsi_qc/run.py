@@ -57,7 +57,8 @@ NOT_IN_RESULTS: dict[str, tuple[str, ...] | None] = {
 
 
 def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
-    """Slide files from files, folders (recursive, comma-separated globs) and CSV manifests (column `path`)."""
+    """Slide files from files, folders (recursive, comma-separated globs) and CSV manifests (column `path`); a file
+    given twice (e.g. by name and inside a given folder) is listed once, two files of one slide id are refused."""
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -76,15 +77,27 @@ def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
         else:
             out.append(item)  # missing or bad files fail per slide, with the error in the report
     seen: dict[str, Path] = {}
+    unique: list[Path] = []
     for path in out:
         try:
             key = slide_key(path.stem)
         except ConfigError:  # fails per slide, naming the file
+            unique.append(path)
             continue
-        if key in seen and seen[key] != path:
+        if key in seen:
+            if _same_file(seen[key], path):  # given twice (a file and its folder): processed once
+                continue
             raise ConfigError(f"two slides share the id {key!r}: {seen[key]} and {path}; rename one of them")
         seen[key] = path
-    return out
+        unique.append(path)
+    return unique
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:  # missing or a dangling link: the same when the paths are
+        return a.absolute() == b.absolute()
 
 
 @lru_cache(maxsize=2)

@@ -85,10 +85,11 @@ _HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (thread holding it, nest
 def locked(path: str | Path, wait: float = 0.0) -> Iterator[Path]:
     """Hold the store's exclusive lock (flock on its lock file, released by the kernel if this process dies).
 
-    Waits up to `wait` seconds for another holder, then raises StoreLocked naming its pid and host. The thread
-    that holds the lock may take it again (a CLI run holds it around run_slides and the report).
+    The lock file is beside the resolved store path, so a symbolic link to a store shares the store's lock. Waits
+    up to `wait` seconds for another holder, then raises StoreLocked naming its pid and host. The thread that
+    holds the lock may take it again (a CLI run holds it around run_slides and the report).
     """
-    lock = lock_path(Path(path).absolute())
+    lock = lock_path(Path(path).resolve())
     thread, depth = _HELD.get(lock, (None, 0))
     if thread == threading.get_ident():
         _HELD[lock] = (thread, depth + 1)
