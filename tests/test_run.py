@@ -520,6 +520,46 @@ def test_a_worker_that_dies_fails_only_its_slide(qc_kit, tmp_path, monkeypatch, 
                                                                           ("good-0", "good-2", "good-3")}
 
 
+_DRIVER = """
+import sys
+from wsi_qc.config import load_config
+from wsi_qc.run import run_slides
+config = load_config(sys.argv[1], overrides={"run": {"workers": 2, "overlays": False}})
+run_slides(sys.argv[2:-4], sys.argv[-4], sys.argv[-3], config, sys.argv[-2], sys.argv[-1])
+"""
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_parent_killed_while_they_start(qc_kit, tmp_path):
+    """A run SIGKILLed while its worker processes start leaves no worker behind and no slide written."""
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "qc.zarr"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(qc_kit.config), *map(str, qc_kit.slides),
+                               str(qc_kit.scorer), str(qc_kit.calibration), str(out), str(tmp_path / "r")], env=env)
+    try:
+        deadline, workers = time.monotonic() + 120, []
+        while time.monotonic() < deadline and driver.poll() is None:
+            workers = [c for c in psutil.Process(driver.pid).children(recursive=True)
+                       if "resource_tracker" not in " ".join(c.cmdline())]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the run never started its workers"
+    finally:
+        driver.kill()  # SIGKILL while the workers import and start
+        driver.wait(30)
+    gone, alive = psutil.wait_procs(workers, timeout=90)
+    assert not alive, f"workers outlived their killed parent: {[p.pid for p in alive]}"
+    time.sleep(1)
+    assert not out.exists() or list_slides(open_store(out, create=False)) == {}
+
+
 def test_write_slide_groups_are_independent_of_the_root(tmp_path):
     """Slide writers never rewrite the root's zarr.json (so concurrent writers cannot clobber each other)."""
     root = open_store(tmp_path / "qc.zarr", attrs={"config": {"a": 1}})

@@ -10,18 +10,12 @@ Dask, by `tiles.workers` reader processes) while the encoder runs, so reading hi
 from __future__ import annotations
 
 import csv
-import ctypes
 import json
 import logging
-import multiprocessing
 import resource
-import signal
-import sys
 import time
 import traceback
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +36,7 @@ from wsi_qc.slide import Slide, slide_files
 from wsi_qc.store import consolidate, locked, open_store, read_slide, slide_done, slide_key, tidy, write_slide
 from wsi_qc.threshold import Threshold
 from wsi_qc.tiles import grid_image
+from wsi_qc.workers import run_each
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +103,8 @@ def _load(scorer_path: str, calibration_path: str, config_json: str, explicit: t
 
 
 def check_inputs(scorer_path: str | Path, calibration_path: str | Path, config: dict) -> tuple[Scorer, Threshold]:
-    """Load scorer and calibration (cached per process); run_slides calls it before any slide."""
+    """Load scorer and calibration (cached per process, key: both paths as given, the config as JSON and the keys
+    it sets); run_slides calls it before any slide."""
     explicit = explicit_keys(config)
     return _load(str(scorer_path), str(calibration_path), json.dumps(config, sort_keys=True),
                  None if explicit is None else tuple(sorted(explicit)))
@@ -292,23 +288,6 @@ def fixed_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker when the process that started it dies (e.g. by SIGKILL),
-    so no orphan keeps writing into the store while a rerun redoes its slide."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
-def _no_reader_processes(config: dict) -> dict:
-    """Dask workers are daemonic and cannot start reader processes: they read tiles with a thread."""
-    out = {**config, "tiles": {**config["tiles"], "workers": 0}}
-    explicit = explicit_keys(config)
-    return out if explicit is None else with_explicit(out, explicit)
-
-
 def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str | Path, config: dict,
                out: str | Path, report_dir: str | Path, force: bool = False) -> list[dict]:
     """QC every slide (local processes, or Dask when run.scheduler is set); returns one report row per slide.
@@ -333,29 +312,10 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
 
 
 def _run_all(paths: list[Path], args: tuple[str, str], config: dict, out, report_dir, force: bool) -> list[dict]:
-    """One report row per slide, from local processes, Dask or this process (run.workers, run.scheduler).
-
-    Worker processes and Dask workers get absolute paths (a remote worker resolves relative ones against its own
-    folder); each row keeps the path as given. A worker that dies (killed, out of memory, crashed) fails only
-    the slide it was processing (_in_pool, _on_dask): the other slides finish and every slide has its row.
-    """
-    run = config["run"]
-    bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)
-    if run["scheduler"] or run["workers"] > 1:
-        given = {str(Path(p).absolute()): str(p) for p in paths}
-        args = tuple(str(Path(a).absolute()) for a in args)
-        common = (*args, str(Path(out).absolute()), str(Path(report_dir).absolute()), force)
-        each = _on_dask if run["scheduler"] else _in_pool
-        rows = each(list(given), common, config, bar)
-        for row in rows:
-            row["path"] = given.get(row["path"], row["path"])
-    else:
-        rows = []
-        for p in paths:
-            rows.append(qc_slide(p, *args, config, out, report_dir, force))
-            bar.update()
-    bar.close()
-    return rows
+    """One report row per slide, from local processes, Dask or this process (run.workers, run.scheduler; see
+    wsi_qc.workers: a worker that dies fails only its slide)."""
+    # qc_slide is looked up here, at call time (a test may replace it)
+    return run_each(qc_slide, paths, (*args, config, out, report_dir, force), config, _died)
 
 
 def _died(path: str, why: str) -> dict:
@@ -371,85 +331,6 @@ def _safe_id(path: Path) -> str:
         return _slide_id(path)
     except SlideError:
         return path.stem or path.name
-
-
-def _in_pool(paths: list[str], common: tuple, config: dict, bar) -> list[dict]:
-    """Rows of slides QCed in run.workers local processes, at most one slide per process in flight. When a process
-    dies the pool breaks and every slide in flight is in doubt: each of those is redone alone in a fresh process
-    (a slide that kills its process again fails, naming that), the rest go on in a fresh pool."""
-    workers = config["run"]["workers"]
-    todo, rows, doubt = list(paths), [], []
-
-    def pool(n):
-        return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent)
-
-    while todo or doubt:
-        for path in doubt:  # alone: a death here is this slide's
-            with pool(1) as alone:
-                try:
-                    rows.append(alone.submit(qc_slide, path, *common[:2], config, *common[2:]).result())
-                except BrokenProcessPool:
-                    rows.append(_died(path, "the worker process died while processing this slide (killed, out of "
-                                            "memory or crashed); run it alone (--workers 1) to see why"))
-            bar.update()
-        doubt = []
-        if not todo:
-            break
-        with pool(workers) as many:
-            running: dict = {}
-            while todo or running:
-                while todo and len(running) < workers:
-                    path = todo.pop(0)
-                    running[many.submit(qc_slide, path, *common[:2], config, *common[2:])] = path
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                broken = False
-                for fut in done:
-                    path = running.pop(fut)
-                    try:
-                        rows.append(fut.result())
-                        bar.update()
-                    except BrokenProcessPool:
-                        doubt.append(path)
-                        broken = True
-                if broken:  # the other slides in flight died with the pool, unless they had just finished
-                    for fut, path in running.items():
-                        if fut.done() and fut.exception() is None:
-                            rows.append(fut.result())
-                            bar.update()
-                        else:
-                            doubt.append(path)
-                    break
-    return rows
-
-
-def _on_dask(paths: list[str], common: tuple, config: dict, bar) -> list[dict]:
-    """Rows of slides QCed on Dask (run.scheduler: "local" starts a local cluster of run.workers processes, one
-    thread each). A task whose workers died (KilledWorker after Dask's retries) or that failed to run fails only
-    its slide."""
-    from distributed import Client, LocalCluster, as_completed as dask_completed
-
-    run, cfg = config["run"], _no_reader_processes(config)
-    if run["scheduler"] == "local":
-        cluster = LocalCluster(n_workers=run["workers"], threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        client = Client(cluster)
-    else:
-        cluster, client = None, Client(run["scheduler"])
-    rows = []
-    try:
-        futures = {client.submit(qc_slide, p, *common[:2], cfg, *common[2:], pure=False): p for p in paths}
-        for fut in dask_completed(futures):
-            try:
-                rows.append(fut.result())
-            except Exception as exc:  # KilledWorker, a worker's unpickling or comm error: this slide only
-                rows.append(_died(futures[fut], f"{type(exc).__name__}: the Dask worker running this slide died or "
-                                                f"could not run it ({str(exc)[:200]})"))
-            bar.update()
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-    return rows
 
 
 def export_tiles(out: str | Path, export_dir: str | Path, slides: Iterable[str] | None = None) -> dict[str, int]:

@@ -62,7 +62,8 @@ class StoreLocked(ConfigError):
 
 def slide_key(slide_id: str) -> str:
     """Store name of a slide id: characters outside [A-Za-z0-9._-] become '_', leading '__' or '.' become '_';
-    ids longer than MAX_KEY are cut and end in a hash of the whole id (the same name for every output)."""
+    ids longer than MAX_KEY are cut and end in 16 hex digits of identity.text_digest of the whole id (the same name
+    for every output)."""
     key = re.sub(r"[^A-Za-z0-9._-]", "_", str(slide_id))
     if not key or set(key) == {"."} or key == "zarr.json":
         raise ConfigError(f"slide id {slide_id!r} cannot name a slide in the store; rename the slide file")
