@@ -555,7 +555,8 @@ class Scorer:
 
     def _load_cascade(self, path: Path, info: dict | None, defaults: dict) -> None:
         """The coarse pass saved with the scorer; cascade.enabled without one, or another coarse resolution than
-        the scorer's, is refused."""
+        the scorer's set by the config (even to the default; see _merge_config), is refused."""
+        explicit = explicit_keys(self.config)
         c = self.config["cascade"] = dict(self.config["cascade"])
         if info is None:
             if c["enabled"] is True:
@@ -563,7 +564,8 @@ class Scorer:
                                   f"set cascade.enabled: false or refit with it (wsi-qc fit-reference)")
             return
         for key, have in info["config"].items():  # the coarse pass's resolution is bound to the scorer
-            if c[key] not in (have, defaults[key]):
+            unset = ("cascade", key) not in explicit if explicit is not None else c[key] == defaults[key]
+            if not unset and c[key] != have:
                 raise ConfigError(f"scorer {path} was fitted with cascade.{key}={have!r} but the config asks for "
                                   f"{c[key]!r}; drop cascade.{key} from the config or refit")
             c[key] = have
