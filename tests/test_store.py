@@ -401,3 +401,17 @@ def test_a_link_to_a_store_shares_the_stores_lock(tmp_path):
     with locked(real) as lock:
         assert lock == real.with_name(".qc.zarr.lock")
         assert len(_lock_from_another_thread(link)) == 1  # the link is the same store: the same lock
+
+
+def test_a_writer_of_an_earlier_run_cannot_put_its_group_in_place(tmp_path):
+    from wsi_qc.store import StaleRun
+
+    root = open_store(tmp_path / "qc.zarr", attrs={"run_id": "old"})
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for(), run_id="old")
+    before = read_slide(root, "s1")["attrs"]
+    root = open_store(tmp_path / "qc.zarr", attrs={"run_id": "new"})  # a new run took the store
+    with pytest.raises(StaleRun, match="now written by run new, not by this writer's run old"):
+        write_slide(root, "s1", **slide_arrays(), attrs={**attrs_for(), "n_keep": 0}, run_id="old")
+    assert read_slide(root, "s1")["attrs"] == before  # the new run's group stays
+    assert sorted(p.name for p in (tmp_path / "qc.zarr").iterdir()) == ["s1", "zarr.json"]  # no leftovers
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for(), run_id="new")

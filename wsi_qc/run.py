@@ -15,6 +15,7 @@ import logging
 import resource
 import time
 import traceback
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -183,8 +184,9 @@ def _peak_rss_mb() -> float:
 
 
 def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | Path, config: dict,
-             out: str | Path, report_dir: str | Path, force: bool = False) -> dict:
+             out: str | Path, report_dir: str | Path, force: bool = False, run_id: str | None = None) -> dict:
     """QC one slide into the store; returns its report row (status done / skipped / failed, never raises).
+    With `run_id`, the slide is written only while the store belongs to that run (store.StaleRun).
 
     Encoding and scoring run with run.threads torch and BLAS threads whatever the mode, so the scores (and
     the masks) are the same with --workers, Dask or any OMP_NUM_THREADS.
@@ -239,7 +241,7 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
             t0 = time.perf_counter()
             write_slide(root, slide_id, coords=tiles.coords, rl2=rl2, keep=keep, grid=grid, tissue=tissue,
                         attrs=attrs, rl2_map=rl2_map, passes=scores["pass"] if scorer.cascade_on else None,
-                        features=scores.get("features"))
+                        features=scores.get("features"), run_id=run_id)
             # known only after the write: in the report row, not in the stored attrs
             timings["write_s"] = round(time.perf_counter() - t0, 3)
             timings["peak_rss_mb"] = _peak_rss_mb()
@@ -301,21 +303,24 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
                     "threshold (%.6g); recalibrate with wsi-qc calibrate to change it", calibration_path,
                     threshold.threshold_)
     with locked(out, wait=float(run["lock_wait"])):
+        run_id = uuid.uuid4().hex  # fences out slide writers of earlier runs (store.write_slide)
         open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
-                               "threshold": threshold.to_dict(), "auc": threshold.auc_})
+                               "threshold": threshold.to_dict(), "auc": threshold.auc_, "run_id": run_id})
         tidy(out)
-        rows = _run_all(paths, (str(scorer_path), str(calibration_path)), config, out, report_dir, force)
+        rows = _run_all(paths, (str(scorer_path), str(calibration_path)), config, out, report_dir, force, run_id)
         tidy(out)
         consolidate(out)
     order = {str(p): i for i, p in enumerate(paths)}
     return sorted(rows, key=lambda r: order.get(r["path"], 0))
 
 
-def _run_all(paths: list[Path], args: tuple[str, str], config: dict, out, report_dir, force: bool) -> list[dict]:
+def _run_all(paths: list[Path], args: tuple[str, str], config: dict, out, report_dir, force: bool,
+             run_id: str) -> list[dict]:
     """One report row per slide, from local processes, Dask or this process (run.workers, run.scheduler; see
     wsi_qc.workers: a worker that dies fails only its slide)."""
     # qc_slide is looked up here, at call time (a test may replace it)
-    return run_each(qc_slide, paths, (*args, config, out, report_dir, force), config, _died)
+    args = (*map(Path, args), config, Path(out), Path(report_dir), force, run_id)
+    return run_each(qc_slide, paths, args, config, _died)
 
 
 def _died(path: str, why: str) -> dict:

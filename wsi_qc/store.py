@@ -19,6 +19,10 @@ A kill at any moment leaves nothing that looks done and nothing a rerun trips ov
 written completely under a hidden temporary name (".<key>.tmp-<pid>") and renamed into place; an old
 group is renamed away (".<key>.trash-<pid>") before it is deleted; a new store is created beside its
 path and renamed into place. `tidy` removes what a killed writer left (run under the lock).
+
+Each run writes its id into the root's attrs (`run_id`) and its slide writers pass it to `write_slide`, which
+refuses to put a group in place once another run has taken the store (StaleRun): a task of a dead driver that
+still runs somewhere cannot overwrite what the new run wrote.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import numpy as np
 import zarr
 
 from wsi_qc import __version__
-from wsi_qc.errors import ConfigError
+from wsi_qc.errors import ConfigError, WSIQCError
 from wsi_qc.identity import text_digest
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,10 @@ MAX_KEY = 200  # longer ids are cut and hashed: "<key>.geojson", ".<key>.tmp-<pi
 
 class StoreLocked(ConfigError):
     """Another run holds the store's lock."""
+
+
+class StaleRun(WSIQCError):
+    """A slide writer of an earlier run found the store taken by another run; its group was not put in place."""
 
 
 def slide_key(slide_id: str) -> str:
@@ -261,9 +269,9 @@ def _array(name: str, value, ndim: int, kinds: str, dtype) -> np.ndarray:
 
 
 def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tissue, attrs: dict,
-                features=None, rl2_map=None, passes=None) -> zarr.Group:
+                features=None, rl2_map=None, passes=None, run_id: str | None = None) -> zarr.Group:
     """Write one slide's group completely under a temporary name, mark it done, rename it into place
-    (replacing any earlier one)."""
+    (replacing any earlier one). With `run_id`, only while the store's root names that run (else StaleRun)."""
     key = slide_key(slide_id)
     arrays = {
         "coords": _array("coords", coords, 2, "iu", np.int32),
@@ -295,11 +303,23 @@ def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tis
     for name, a in arrays.items():
         group.create_array(name, data=a, dimension_names=DIMENSIONS.get(name))
     group.update_attributes({**attrs, "status": DONE})
+    if run_id is not None and _run_of(folder) != run_id:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StaleRun(f"slide {slide_id}: the store {folder} is now written by run {_run_of(folder)}, not by this "
+                       f"writer's run {run_id}; its result was dropped")
     if (folder / key).exists():
         log.info("replacing slide %s in the store", key)
         _discard(folder / key)
     os.rename(tmp, folder / key)
     return root[key]
+
+
+def _run_of(folder: Path) -> str | None:
+    """The run id in the store's root attrs, read from disk (another process may have changed it)."""
+    try:
+        return json.loads((folder / "zarr.json").read_text())["attributes"][MARKER].get("run_id")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def slide_done(root: zarr.Group, slide_id: str, fingerprint: str, arrays: tuple[str, ...] = (),

@@ -28,14 +28,14 @@ DIED = ("the worker process died while processing this slide (killed, out of mem
 
 
 def run_each(work: Callable, paths: list, args: tuple, config: dict, failed: Callable[[str, str], dict]) -> list[dict]:
-    """One row per slide path (module docstring); `args` hold the config (Dask: without reader processes)."""
+    """One row per slide path (module docstring); `args` hold the config (Dask: without reader processes) and the
+    paths `work` needs as Path objects (made absolute for workers)."""
     run = config["run"]
     bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)
     if run["scheduler"] or run["workers"] > 1:
         given = {str(Path(p).absolute()): str(p) for p in paths}
         cfg = _no_reader_processes(config) if run["scheduler"] else config
-        common = tuple(cfg if a is config else str(Path(a).absolute()) if isinstance(a, (str, Path)) else a
-                       for a in args)
+        common = tuple(cfg if a is config else str(a.absolute()) if isinstance(a, Path) else a for a in args)
         each = _on_dask if run["scheduler"] else _in_pool
         rows = each(work, list(given), common, config, failed, bar)
         for row in rows:
