@@ -120,8 +120,9 @@ def _in_pool(work: Callable, paths: list[str], args: tuple, config: dict, failed
 
 def _on_dask(work: Callable, paths: list[str], args: tuple, config: dict, failed, bar) -> list[dict]:
     """Rows of slides run on Dask (run.scheduler: "local" starts a local cluster of run.workers processes, one
-    thread each). A task whose workers died (KilledWorker after Dask's retries) or that failed to run fails only
-    its slide."""
+    thread each). At most one slide per worker thread is in flight, so a worker that dies takes no queued slide
+    with it; a task whose workers died (KilledWorker after Dask's retries) or that failed to run fails only its
+    slide."""
     from distributed import Client, LocalCluster, as_completed as dask_completed
 
     run = config["run"]
@@ -131,16 +132,27 @@ def _on_dask(work: Callable, paths: list[str], args: tuple, config: dict, failed
         client = Client(cluster)
     else:
         cluster, client = None, Client(run["scheduler"])
-    rows = []
+    rows, todo, futures = [], list(paths), {}
     try:
-        futures = {client.submit(work, p, *args, pure=False): p for p in paths}
-        for fut in dask_completed(futures):
+        client.wait_for_workers(run["workers"] if cluster is not None else 1)
+        slots = max(1, sum(client.nthreads().values()))
+
+        def submit():
+            path = todo.pop(0)
+            fut = client.submit(work, path, *args, pure=False)
+            futures[fut] = path
+            return fut
+
+        pending = dask_completed([submit() for _ in range(min(slots, len(todo)))])
+        for fut in pending:
             try:
                 rows.append(fut.result())
             except Exception as exc:  # KilledWorker, a worker's unpickling or comm error: this slide only
                 rows.append(failed(futures[fut], f"{type(exc).__name__}: the Dask worker running this slide died or "
                                                  f"could not run it ({str(exc)[:200]})"))
             bar.update()
+            if todo:
+                pending.add(submit())
     finally:
         client.close()
         if cluster is not None:
