@@ -55,7 +55,8 @@ def _manifest(path: Path) -> Path:
 
 def _cached(path: Path, names: tuple[str, ...]) -> bool:
     """True when the entry's files (`names`, beside `path`) are all there with the digests its manifest records;
-    a damaged entry is removed (and rebuilt by the caller), with a warning naming it."""
+    else the caller rebuilds it (a damaged one with a warning naming it). Nothing is deleted here: another process
+    may be publishing the entry right now, and a rebuilt entry replaces each file whole."""
     manifest = _manifest(path)
     if not manifest.is_file() and not any((path.parent / n).exists() for n in names):
         return False
@@ -72,8 +73,6 @@ def _cached(path: Path, names: tuple[str, ...]) -> bool:
             pass
         return True
     log.warning("cached network %s is incomplete or corrupt (missing file or digest mismatch); rebuilding it", path)
-    for p in (manifest, *(path.parent / n for n in names)):
-        p.unlink(missing_ok=True)
     return False
 
 
