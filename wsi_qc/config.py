@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 from wsi_qc import schema
-from wsi_qc.identity import json_digest
 from wsi_qc.errors import ConfigError
+from wsi_qc.identity import json_digest
 
 
 def package_file(*parts: str) -> Path:

@@ -104,10 +104,10 @@ def _load(scorer_path: str, calibration_path: str, config_json: str, explicit: t
 
 
 def check_inputs(scorer_path: str | Path, calibration_path: str | Path, config: dict) -> tuple[Scorer, Threshold]:
-    """Load scorer and calibration (cached per process, key: both paths as given, the config as JSON and the keys
-    it sets); run_slides calls it before any slide."""
+    """Load scorer and calibration (cached per process, key: both paths, the config as JSON and the keys it sets);
+    run_slides calls it before any slide."""
     explicit = explicit_keys(config)
-    return _load(str(scorer_path), str(calibration_path), json.dumps(config, sort_keys=True),
+    return _load(str(Path(scorer_path)), str(Path(calibration_path)), json.dumps(config, sort_keys=True),
                  None if explicit is None else tuple(sorted(explicit)))
 
 
