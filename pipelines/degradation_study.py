@@ -20,7 +20,6 @@ only fits the flow and recomputes the metrics. Writes study.md (tables), study.j
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
@@ -34,8 +33,10 @@ from scipy.stats import spearmanr
 from wsi_qc.artifacts import LEVELS, degrade
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
+from wsi_qc import encoder as encoder_code, image_stats as image_stats_code
 from wsi_qc.encoder import Encoder
 from wsi_qc.errors import ConfigError
+from wsi_qc.identity import Digest
 from wsi_qc.rl2 import frechet_distance, set_rl2
 from wsi_qc.scorer import Scorer, batches, encode, encoder_from_config
 from wsi_qc.slide import Slide
@@ -144,13 +145,15 @@ def collect_tiles(study: dict, config: dict, out: Path) -> tuple[np.ndarray, np.
 # ---- features ----------------------------------------------------------------------------------
 
 class FeatureCache:
-    """Encoder features of named tile sets, cached as npz files in one folder per (tiles, encoder) key."""
+    """Encoder features of named tile sets, cached as npz files in one folder per key (identity.Digest): the
+    encoder's meta (weights digest included) and precision, the source of wsi_qc.encoder and wsi_qc.image_stats,
+    and the bytes of the study's tiles."""
 
     def __init__(self, root: Path, encoder: Encoder, images: list[np.ndarray], batch_size: int):
-        h = hashlib.sha256(json.dumps({**encoder.meta(), "precision": encoder.precision}, sort_keys=True).encode())
+        digest = Digest().json({**encoder.meta(), "precision": encoder.precision}).code(encoder_code, image_stats_code)
         for x in images:
-            h.update(np.ascontiguousarray(x).data)
-        self.folder = Path(root) / h.hexdigest()[:16]
+            digest.array(x)
+        self.folder = Path(root) / digest.hex(16)
         self.encoder, self.batch_size = encoder, batch_size
         self.hits = self.misses = 0
 

@@ -29,7 +29,6 @@ import wsi_qc  # noqa: F401  first: it sets OMP_WAIT_POLICY, which OpenMP reads 
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import time
@@ -43,7 +42,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from pipelines import degradation_study
-from wsi_qc import calibration_set
+from wsi_qc import calibration_set, encoder as encoder_code, image_stats as image_stats_code
 from wsi_qc.calibrate import per_artifact_auc, read_labels
 from wsi_qc.catalogue import encoder_config, load_catalogue, weights_available
 from wsi_qc.config import load_config
@@ -51,6 +50,7 @@ from wsi_qc.data import write_example_slide
 from wsi_qc.image_stats import IMAGE_STATS, image_statistics, rgb_tensor
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import Flow
+from wsi_qc.identity import Digest, code_digest
 from wsi_qc.scorer import batches, encode, encoder_from_config, read_tile_images
 from wsi_qc.threshold import bootstrap_auc_ci
 
@@ -127,7 +127,8 @@ def load_set(folder: Path, size: int) -> dict:
 # ---- features ----------------------------------------------------------------------------------
 
 def _key(image: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+    """A tile's row key in a FeatureCache: 40 hex digits of the sha256 of its bytes."""
+    return Digest().array(image).hex(40)
 
 
 def stats_of(images: np.ndarray) -> np.ndarray:
@@ -137,7 +138,9 @@ def stats_of(images: np.ndarray) -> np.ndarray:
 
 
 class FeatureCache:
-    """A feature function (encoder or image statistics) memoised by tile bytes, stored in one npz file."""
+    """A feature function (encoder or image statistics) memoised by tile bytes (_key), stored in one npz file that
+    is used only under the same `identity` (the encoder's weights digest, name, levels, pooling and the source of
+    the feature code, see study_encoder; the statistics' names and code for the stats cache)."""
 
     def __init__(self, func, dim: int, path: Path, identity: str):
         self.func, self.dim, self.path, self.identity = func, dim, Path(path), identity
@@ -375,7 +378,8 @@ def study_encoder(spec: dict, sets: dict[int, dict], slides: list[Path], stats: 
                   study: dict, out: Path) -> tuple[dict, dict]:
     """All measurements of one encoder, and its block features of the labelled sets (for the flow ablation)."""
     multi, last = build_encoders(spec, config)
-    ident = json.dumps([multi.meta()["weights_sha256"], multi.name, multi.levels, multi.pooling])
+    ident = json.dumps([multi.meta()["weights_sha256"], multi.name, multi.levels, multi.pooling,
+                        code_digest(encoder_code, image_stats_code, n=16)])
     caches = [FeatureCache(enc, enc.dim, out / "features" / f"{spec['name']}-{part}.npz", f"{ident}|{part}")
               for enc, part in ((multi, "multi"), (last, "last"))]
     blocks = Blocks(multi, last, stats, *caches)
@@ -425,7 +429,7 @@ def run_study(config: dict, study: dict, out: Path) -> dict:
     size = config["tiles"]["size"]
     sets = {seed: load_set(folder, size) for seed, folder in folders.items()}
     stats = FeatureCache(stats_of, len(IMAGE_STATS), out / "features" / "stats.npz",
-                         json.dumps(list(IMAGE_STATS)))
+                         json.dumps([list(IMAGE_STATS), code_digest(image_stats_code, n=16)]))
     encoders, mats = [], {}
     for spec in specs:
         if not spec["run"]:

@@ -20,7 +20,6 @@ holds them out), for interior and edge tiles.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -39,13 +38,16 @@ from wsi_qc.cascade import coarse_config, focus_values, settled, to_scale
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
 from wsi_qc.errors import ConfigError
+from wsi_qc import encoder as encoder_code, image_stats as image_stats_code
 from wsi_qc.flow import Flow, held_out
+from wsi_qc.identity import Digest, file_digest
 from wsi_qc.image_stats import IMAGE_STATS, LOCAL_STATS
 from wsi_qc.rl2 import tile_rl2
 from wsi_qc.scorer import RUNTIME_KEYS, aggregate, batches, encode, encoder_from_config, holdout_groups
 from wsi_qc.slide import Slide
 from wsi_qc.threshold import conformal_threshold
 from wsi_qc.tiles import tile_slide
+from wsi_qc.weights import weights_file
 
 log = logging.getLogger("pipelines.qc_benchmark")
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,14 +217,26 @@ def collect(config: dict, own: dict, out: Path) -> TileSet:
     return ts
 
 
-def features_of(ts: TileSet, config: dict, variant: dict, out: Path) -> np.ndarray:
-    """Encoder features of every benchmark tile for one feature variant (cached under out/features)."""
-    cfg = {**config, "encoder": {**config["encoder"], **variant}}
+def feature_tag(ts: TileSet, cfg: dict) -> str:
+    """Key of the benchmark's feature cache (identity.Digest): the encoder's bound config, the tiles section, the
+    image statistics' names, the bytes of the encoder weights file, the source of wsi_qc.encoder and
+    wsi_qc.image_stats, and the bytes of every benchmark tile, in order (so another seed, split or artifact code gives
+    other features)."""
     bound = {k: v for k, v in cfg["encoder"].items() if k not in RUNTIME_KEYS["encoder"]}  # what sets the features
-    key = json.dumps({"encoder": bound, "tiles": config["tiles"], "n": len(ts.images),
-                      "stats": [list(IMAGE_STATS), list(LOCAL_STATS)]}, sort_keys=True)
-    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
-    cache = out / "features" / f"{tag}.npy"
+    weights = str(cfg["encoder"]["weights"])
+    digest = Digest().json({"encoder": bound, "tiles": cfg["tiles"], "stats": [list(IMAGE_STATS), list(LOCAL_STATS)],
+                            "weights": weights if weights in ("random", "hub") else file_digest(weights_file(weights))})
+    digest.code(encoder_code, image_stats_code)
+    for image in ts.images:
+        digest.array(image)
+    return digest.hex(16)
+
+
+def features_of(ts: TileSet, config: dict, variant: dict, out: Path) -> np.ndarray:
+    """Encoder features of every benchmark tile for one feature variant (cached under out/features, key:
+    feature_tag)."""
+    cfg = {**config, "encoder": {**config["encoder"], **variant}}
+    cache = out / "features" / f"{feature_tag(ts, cfg)}.npy"
     if cache.is_file():
         return np.load(cache)
     encoder = encoder_from_config(cfg)

@@ -187,3 +187,19 @@ def test_cascade_flags_the_tiles_the_single_pass_flags(tmp_path):
     clean = np.ones(len(images), bool)
     clean[pasted] = False
     assert (cascade["pass"][clean] == 1).mean() >= 0.25  # the coarse pass settles clean tiles (about half here)
+
+
+def test_an_explicit_coarse_mpp_is_refused_even_when_it_is_the_default(tiny, tmp_path):
+    import json
+    import shutil
+
+    from wsi_qc.flow import _fingerprint
+
+    shutil.copytree(tiny["root"] / "scorer", tmp_path / "scorer")
+    meta = json.loads((tmp_path / "scorer" / "meta.json").read_text())
+    meta["scorer"]["cascade"]["config"]["coarse_mpp"] = 2.0  # as if fitted with a coarser view
+    meta["fingerprint"] = _fingerprint(tmp_path / "scorer" / "flow.safetensors", meta)
+    (tmp_path / "scorer" / "meta.json").write_text(json.dumps(meta))
+    assert load_config()["cascade"]["coarse_mpp"] == 1.0
+    with pytest.raises(ConfigError, match=r"cascade.coarse_mpp=2.0 but the config asks for 1.0"):
+        Scorer.load(tmp_path / "scorer", load_config(overrides={**TINY, "cascade": {"coarse_mpp": 1.0}}))

@@ -164,7 +164,7 @@ def test_openvino_scoring_matches_the_fitted_flow(tmp_path, monkeypatch, threads
         np.testing.assert_allclose(got_jac, log_jac, atol=2e-5 * np.abs(log_jac).max())
         np.testing.assert_allclose(tile_rl2(got_z, loaded.mu_), tile_rl2(z, flow.mu_), rtol=1e-5)
         cached = sorted(p.name for p in (tmp_path / "cache" / "openvino").iterdir())
-        assert [p.rsplit(".", 1)[1] for p in cached] == ["bin", "xml"]  # converted once, kept by content
+        assert [p.rsplit(".", 1)[1] for p in cached] == ["bin", "sha256", "xml"]  # converted once, kept by content
         again, _ = Flow.load(tmp_path / "flow", cpu_runtime="openvino")
         np.testing.assert_array_equal(again.transform(x), got_z)  # read back from the cache
         np.testing.assert_array_equal(again.transform(x[5:12]), got_z[5:12])  # rows do not depend on the batch

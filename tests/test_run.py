@@ -6,10 +6,12 @@ test_efficientnet, 64 px tiles at 0.5 mpp, a small flow and a calibration from s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import zarr
 from PIL import Image
 
 from benchmarks.report import Chromium
+from wsi_qc import run as run_module
 from wsi_qc.config import load_config
 from wsi_qc.errors import ConfigError
 from wsi_qc.run import (check_inputs, collect_slides, discard_warning, export_tiles, result_config, run_fingerprint,
@@ -29,6 +32,14 @@ from wsi_qc.store import list_slides, open_store, read_slide, slide_key, write_s
 from wsi_qc.tiles import prefetch
 
 PATTERN = "*.svs,*.tif,*.tiff"
+_QC_SLIDE = run_module.qc_slide
+
+
+def _qc_or_die(path, *args):
+    """qc_slide, except that the worker process dies (SIGKILL) on a slide named crash-*."""
+    if Path(path).stem.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _QC_SLIDE(path, *args)
 
 
 def _config(kit, **run):
@@ -477,6 +488,81 @@ def test_local_dask_cluster_runs_every_slide(qc_kit, tmp_path):
     assert all(read_slide(root, r["slide"])["attrs"]["n_tiles"] == r["n_tiles"] > 0 for r in rows)
 
 
+def _with_a_crashing_slide(kit, folder):
+    folder.mkdir()
+    for i, name in enumerate(("good-0", "crash-1", "good-2", "good-3")):
+        os.symlink(kit.slides[i], folder / f"{name}.tif")
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", [None, "local"])
+def test_a_worker_that_dies_fails_only_its_slide(qc_kit, tmp_path, monkeypatch, scheduler):
+    """--workers 2 and --scheduler local: a worker SIGKILLed on one slide gives that slide a failed row, the others
+    are done, the report is written; relative paths reach the workers as absolute ones."""
+    settings = contextlib.nullcontext()
+    if scheduler:  # no retries of a task whose worker died, one task per worker thread at a time
+        dask = pytest.importorskip("dask")
+        pytest.importorskip("distributed")
+        settings = dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                                    "distributed.scheduler.worker-saturation": 1.0})
+    paths = _with_a_crashing_slide(qc_kit, tmp_path / "slides")
+    monkeypatch.setattr(run_module, "qc_slide", _qc_or_die)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(qc_kit.config, overrides={"run": {"workers": 2, "scheduler": scheduler, "overlays": False}})
+    relative = [p.relative_to(tmp_path) for p in paths]
+    with settings:
+        rows = run_slides(relative, qc_kit.scorer, qc_kit.calibration, config, Path("qc.zarr"), Path("report"))
+    assert [(r["slide"], r["status"]) for r in rows] == [("crash-1", "failed"), ("good-0", "done"),
+                                                         ("good-2", "done"), ("good-3", "done")]
+    assert [r["path"] for r in rows] == [str(p) for p in relative]  # as given
+    assert rows[0]["error"].startswith("WorkerDied") and "died" in rows[0]["error"]
+    files = write_run_report(rows, tmp_path / "qc.zarr", tmp_path / "report")
+    assert "crash-1" in files["csv"].read_text()
+    assert list_slides(open_store(tmp_path / "qc.zarr", create=False)) == {s: "done" for s in
+                                                                          ("good-0", "good-2", "good-3")}
+
+
+_DRIVER = """
+import sys
+from wsi_qc.config import load_config
+from wsi_qc.run import run_slides
+config = load_config(sys.argv[1], overrides={"run": {"workers": 2, "overlays": False}})
+run_slides(sys.argv[2:-4], sys.argv[-4], sys.argv[-3], config, sys.argv[-2], sys.argv[-1])
+"""
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_parent_killed_while_they_start(qc_kit, tmp_path):
+    """A run SIGKILLed while its worker processes start leaves no worker behind and no slide written."""
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "qc.zarr"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, str(qc_kit.config), *map(str, qc_kit.slides),
+                               str(qc_kit.scorer), str(qc_kit.calibration), str(out), str(tmp_path / "r")], env=env)
+    try:
+        deadline, workers = time.monotonic() + 120, []
+        while time.monotonic() < deadline and driver.poll() is None:
+            workers = [c for c in psutil.Process(driver.pid).children(recursive=True)
+                       if "resource_tracker" not in " ".join(c.cmdline())]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.05)
+        assert len(workers) >= 2, "the run never started its workers"
+    finally:
+        driver.kill()  # SIGKILL while the workers import and start
+        driver.wait(30)
+    gone, alive = psutil.wait_procs(workers, timeout=90)
+    assert not alive, f"workers outlived their killed parent: {[p.pid for p in alive]}"
+    time.sleep(1)
+    assert not out.exists() or list_slides(open_store(out, create=False)) == {}
+
+
 def test_write_slide_groups_are_independent_of_the_root(tmp_path):
     """Slide writers never rewrite the root's zarr.json (so concurrent writers cannot clobber each other)."""
     root = open_store(tmp_path / "qc.zarr", attrs={"config": {"a": 1}})
@@ -507,3 +593,55 @@ def test_a_slide_mostly_above_the_threshold_is_done_with_a_warning(qc_kit, tmp_p
     assert f"slide {row['slide']}: 100 % of its tiles" in caplog.text
     skipped = run_slides(qc_kit.slides[:1], qc_kit.scorer, tmp_path / "low.json", _config(qc_kit), out, tmp_path / "r")
     assert skipped[0]["status"] == "skipped" and skipped[0]["warning"] == row["warning"]  # from the store's attrs
+
+
+def test_nan_scores_fail_the_slide_with_a_clear_error(qc_kit, tmp_path, monkeypatch):
+    from wsi_qc.scorer import Scorer
+
+    score_tiles = Scorer.score_tiles
+
+    def broken(self, features, kind=None):  # a damaged network: some tiles score NaN
+        scores, maps = score_tiles(self, features, kind)
+        scores = scores.copy()
+        scores[:1] = np.nan
+        return scores, maps
+
+    monkeypatch.setattr(Scorer, "score_tiles", broken)
+    out = tmp_path / "qc.zarr"
+    rows = run_slides(qc_kit.slides[1:3], qc_kit.scorer, qc_kit.calibration, _config(qc_kit), out, tmp_path / "r")
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("scored NaN or inf" in r["error"] and "ScoreError" in r["error"] for r in rows)
+    assert list_slides(open_store(out, create=False)) == {}  # nothing stored as done
+
+
+def test_a_slide_replaced_under_the_same_name_is_redone(qc_kit, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(qc_kit.slides[1], folder / "s.tif")
+    config, out, report_dir = _config(qc_kit), tmp_path / "qc.zarr", tmp_path / "report"
+    first = run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)
+    assert first[0]["status"] == "done"
+    assert run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)[0]["status"] \
+        == "skipped"
+    shutil.copy(qc_kit.slides[2], folder / "s.tif")  # rescanned: another file under the same name
+    again = run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)
+    assert again[0]["status"] == "done"
+    stored = read_slide(open_store(out, create=False), "s")
+    assert stored["attrs"]["source_state"]["size"] == qc_kit.slides[2].stat().st_size
+    assert stored["attrs"]["sha256_head"] == stored["attrs"]["source_state"]["head"]
+    os.utime(folder / "s.tif", ns=(1, 1))  # touched (same bytes, another mtime): redone too
+    assert run_slides([folder / "s.tif"], qc_kit.scorer, qc_kit.calibration, config, out, report_dir)[0]["status"] \
+        == "done"
+
+
+def test_a_slide_given_as_a_file_and_inside_its_folder_is_listed_once(tmp_path, monkeypatch):
+    (tmp_path / "slides" / "sub").mkdir(parents=True)
+    for name in ("a.tif", "sub/b.tif"):
+        (tmp_path / "slides" / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    found = collect_slides([tmp_path / "slides" / "a.tif", Path("slides"), Path("slides/sub/b.tif")], PATTERN)
+    assert [p.name for p in found] == ["a.tif", "b.tif"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.tif").write_bytes(b"y")
+    with pytest.raises(ConfigError, match="share the id 'a'"):  # another file of the same id is still refused
+        collect_slides([Path("slides"), tmp_path / "other" / "a.tif"], PATTERN)

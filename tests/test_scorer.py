@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +17,9 @@ from scipy import ndimage
 from wsi_qc import cli
 from wsi_qc.config import load_config
 from wsi_qc.data import _stain_images
+from wsi_qc.encoder import Encoder
 from wsi_qc.errors import ConfigError
+from wsi_qc.flow import PARAMS, Flow, _fingerprint
 from wsi_qc.scorer import Scorer, aggregate, encoder_from_config, folder_features, holdout_groups
 
 SMALL = {"encoder": {"name": "resnet18", "weights": "random"}, "tiles": {"size": 64, "batch_size": 32, "workers": 0},
@@ -338,3 +342,81 @@ def test_reference_slides_are_all_opened_before_any_is_encoded(tmp_path, monkeyp
     with pytest.raises(SlideError, match="z-broken.svs"):
         scorer_module.reference_features([tmp_path / "ref"], encoder_from_config(config), config)
     assert encoded == []  # the good slide, listed first, was not encoded before the broken one was found
+
+
+def _edited_scorer(setup, tmp_path, edit):
+    """A copy of the setup's scorer with its saved config edited (and its fingerprint made to match)."""
+    root, _ = setup
+    shutil.copytree(root / "scorer", tmp_path / "edited")
+    meta = json.loads((tmp_path / "edited" / "meta.json").read_text())
+    edit(meta["scorer"]["config"])
+    meta["fingerprint"] = _fingerprint(tmp_path / "edited" / "flow.safetensors", meta)
+    (tmp_path / "edited" / "meta.json").write_text(json.dumps(meta))
+    return tmp_path / "edited"
+
+
+def test_device_auto_loads_a_cuda_fitted_scorer_on_the_cpu(setup, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    _, cfg = setup
+
+    def on_cuda(config):
+        config["encoder"]["device"] = config["flow"]["device"] = "cuda"
+
+    path = _edited_scorer(setup, tmp_path, on_cuda)
+    with pytest.raises(ConfigError, match="CUDA is not available"):  # not set: the scorer's own device
+        Scorer.load(path, load_config(cfg))
+    scorer = Scorer.load(path, load_config(cfg, overrides={"encoder": {"device": "auto"}, "flow": {"device": "auto"}}))
+    assert scorer.encoder.device.type == "cpu" and scorer.config["encoder"]["device"] == "auto"
+
+
+def test_an_explicit_tile_mpp_is_refused_even_when_it_is_the_default(setup, tmp_path):
+    _, cfg = setup
+    path = _edited_scorer(setup, tmp_path, lambda config: config["tiles"].update(mpp=1.0))
+    assert load_config()["tiles"]["mpp"] == 0.5
+    with pytest.raises(ConfigError, match=r"tiles\.mpp=1\.0 but the config asks for 0\.5"):
+        Scorer.load(path, load_config(cfg, overrides={"tiles": {"mpp": 0.5}}))
+    assert Scorer.load(path, load_config(cfg)).config["tiles"]["mpp"] == 1.0  # not set: the scorer's own
+    plain = {**load_config(cfg)}  # a plain dict does not know what was set: the default counts as unset
+    assert Scorer.load(path, plain).config["tiles"]["mpp"] == 1.0
+
+
+def test_class_defaults_are_the_default_config():
+    defaults = load_config()
+    assert Flow().params() == {k: defaults["flow"][k] for k in PARAMS}
+    signature = inspect.signature(Encoder.__init__).parameters
+    # the encoder class is the plain network (random weights, pooled, no statistics, torch); the config's product
+    # default adds the rest
+    differ = {"name", "weights", "levels", "grid", "image_stats", "cpu_runtime"}  # name: always given
+    same = {k: signature[k].default for k in signature if k in defaults["encoder"] and k not in differ}
+    same["model_kwargs"] = same["model_kwargs"] or {}  # None stands for no extra arguments
+    assert same and same == {k: defaults["encoder"][k] for k in same}
+
+
+def test_a_folder_of_slides_with_a_stray_png_is_refused_naming_both(tmp_path):
+    from wsi_qc.data import write_example_slide
+    from wsi_qc.scorer import _slides_in, image_paths
+
+    folder = tmp_path / "slides"
+    slide = write_example_slide(folder / "a.tif", size=(1024, 1024), mpp=0.5, seed=0)
+    assert _slides_in(folder, "*.tif") == [slide]  # a pyramidal TIFF is a slide, not a tile
+    Image.fromarray(_crops(1, 0)[0]).save(folder / "stray.png")
+    for call in (lambda: _slides_in(folder, "*.tif"), lambda: image_paths(folder, "*.tif")):
+        with pytest.raises(ConfigError, match=r"holds both slide files \(1, e\.g\. .*a\.tif\) and tile images "
+                                              r"\(1, e\.g\. .*stray\.png\)"):
+            call()
+    tiles = _write(tmp_path / "tiles", _crops(2, 1))
+    Image.fromarray(_crops(1, 2)[0]).save(tiles / "one-page.tif")  # a one-page TIFF is a tile image
+    assert _slides_in(tiles, "*.tif") == [] and [p.name for p in image_paths(tiles, "*.tif")] == [
+        "one-page.tif", "t000.png", "t001.png"]
+
+
+def test_a_decompression_bomb_tile_is_a_config_error(tmp_path, monkeypatch):
+    from wsi_qc.scorer import read_tile_images
+
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is above twice the limit
+    with pytest.raises(ConfigError, match="huge.png is too large for a tile image.*looks like a slide"):
+        read_tile_images([path], 64)

@@ -311,6 +311,23 @@ def _hold_lock(path: str, ready) -> None:
         time.sleep(60)
 
 
+def _lock_from_another_thread(path) -> list[StoreLocked]:
+    """The StoreLocked another thread of this process gets for the store at path (none when it gets the lock)."""
+    errors = []
+
+    def other_thread():
+        try:
+            with locked(path):
+                pass
+        except StoreLocked as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    return errors
+
+
 def test_lock_refuses_a_second_writer_naming_the_holder_and_dies_with_it(tmp_path):
     path = tmp_path / "qc.zarr"
     ctx = multiprocessing.get_context("spawn")
@@ -331,19 +348,7 @@ def test_lock_refuses_a_second_writer_naming_the_holder_and_dies_with_it(tmp_pat
         assert json.loads(lock.read_text())["pid"] == os.getpid()
         with locked(path):  # the holding thread may take it again
             pass
-        errors = []
-
-        def other_thread():
-            try:
-                with locked(path):
-                    pass
-            except StoreLocked as exc:
-                errors.append(exc)
-
-        thread = threading.Thread(target=other_thread)
-        thread.start()
-        thread.join()
-        assert len(errors) == 1  # another thread is another writer
+        assert len(_lock_from_another_thread(path)) == 1  # another thread is another writer
 
 
 def test_consolidate_and_reopen(tmp_path):
@@ -371,3 +376,42 @@ def test_consolidate_and_reopen(tmp_path):
     consolidate(path)
     plain = zarr.open_group(path, mode="r")
     assert sorted(plain.group_keys()) == ["s1", "s2"] and plain.attrs["wsi_qc"]["auc"] == 0.8
+
+
+def test_done_requires_the_same_source_file_when_asked(tmp_path):
+    root = open_store(tmp_path / "qc.zarr")
+    state = {"size": 10, "mtime_ns": 5, "head": "sha256:ab:10"}
+    arrays = dict(coords=np.zeros((1, 2), np.int32), rl2=np.zeros(1), keep=np.ones(1, bool),
+                  grid=np.ones((1, 1), np.uint8), tissue=np.ones((2, 2), bool))
+    write_slide(root, "s1", **arrays, attrs={"fingerprint": "fp1", "source_state": state, "sha256_head": state["head"]})
+    assert slide_done(root, "s1", "fp1", source_state=state) and slide_done(root, "s1", "fp1")
+    assert not slide_done(root, "s1", "fp1", source_state={**state, "mtime_ns": 6})
+    assert not slide_done(root, "s1", "fp1", source_state={**state, "head": "sha256:cd:10"})
+    write_slide(root, "old", **arrays, attrs={"fingerprint": "fp1", "sha256_head": state["head"]})  # older store
+    assert slide_done(root, "old", "fp1", source_state=state)
+    assert not slide_done(root, "old", "fp1", source_state={**state, "head": "sha256:cd:10"})
+
+
+def test_a_link_to_a_store_shares_the_stores_lock(tmp_path):
+    real = tmp_path / "real" / "qc.zarr"
+    open_store(real)
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "out.zarr"
+    os.symlink(real, link)
+    with locked(real) as lock:
+        assert lock == real.with_name(".qc.zarr.lock")
+        assert len(_lock_from_another_thread(link)) == 1  # the link is the same store: the same lock
+
+
+def test_a_writer_of_an_earlier_run_cannot_put_its_group_in_place(tmp_path):
+    from wsi_qc.store import StaleRun
+
+    root = open_store(tmp_path / "qc.zarr", attrs={"run_id": "old"})
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for(), run_id="old")
+    before = read_slide(root, "s1")["attrs"]
+    root = open_store(tmp_path / "qc.zarr", attrs={"run_id": "new"})  # a new run took the store
+    with pytest.raises(StaleRun, match="now written by run new, not by this writer's run old"):
+        write_slide(root, "s1", **slide_arrays(), attrs={**attrs_for(), "n_keep": 0}, run_id="old")
+    assert read_slide(root, "s1")["attrs"] == before  # the new run's group stays
+    assert sorted(p.name for p in (tmp_path / "qc.zarr").iterdir()) == ["s1", "zarr.json"]  # no leftovers
+    write_slide(root, "s1", **slide_arrays(), attrs=attrs_for(), run_id="new")

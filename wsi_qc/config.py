@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import yaml
 
 from wsi_qc import schema
 from wsi_qc.errors import ConfigError
+from wsi_qc.identity import json_digest
 
 
 def package_file(*parts: str) -> Path:
@@ -53,19 +52,43 @@ def _merge(base: dict, override: dict, source: str, prefix: str = "") -> dict:
     return out
 
 
+class Config(dict):
+    """A loaded config: the plain dict of sections, which also knows the (section, key) pairs that a file or an
+    override set (`explicit`), so that a loaded scorer keeps its own value where the config only has the default.
+    Copies (copy.deepcopy, pickle) keep `explicit`; JSON and dict(...) drop it (with_explicit restores it)."""
+
+    explicit: frozenset = frozenset()
+
+
+def with_explicit(config: dict, explicit) -> Config:
+    """`config` as a Config whose explicitly set keys are `explicit` ((section, key) pairs)."""
+    out = Config(config)
+    out.explicit = frozenset(tuple(k) for k in explicit)
+    return out
+
+
+def explicit_keys(config: dict) -> frozenset | None:
+    """The (section, key) pairs a loaded config set explicitly, or None for a dict that does not know them."""
+    return getattr(config, "explicit", None)
+
+
 def load_config(*paths: str | Path | None, overrides: dict | None = None,
                 overrides_source: str = "overrides") -> dict[str, Any]:
     """Defaults, then each YAML file in order (a pipeline file may name a base with `base:`), then overrides.
 
     Every layer is checked against the schema (wsi_qc.schema) as it is merged: an unknown key, a wrong type,
     a value out of range or not among the choices raises ConfigError naming the key, the value and its source.
+    Returns a Config: its `explicit` names the keys the files and overrides set.
     """
     defaults = _read_yaml(DEFAULT_CONFIG)
     config = defaults
+    explicit: set[tuple[str, str]] = set()
 
     def layer(data: dict, source: str) -> dict:
         merged = _merge(config, data, source)
         schema.check(data, defaults, source)
+        explicit.update((section, key) for section, values in data.items() if isinstance(values, dict)
+                        for key in values)
         return merged
 
     for path in paths:
@@ -79,14 +102,14 @@ def load_config(*paths: str | Path | None, overrides: dict | None = None,
     if overrides:
         config = layer(overrides, overrides_source)
     schema.check_config(config)
-    return config
+    return with_explicit(config, explicit)
 
 
 def fingerprint(config: dict, sections: tuple[str, ...] | None = None) -> str:
-    """Short sha256 of the named sections (all when None), stable across key order."""
+    """Key: the named sections' values (all when None) as JSON, stable across key order; 16 hex digits of
+    identity.json_digest."""
     part = config if sections is None else {k: config[k] for k in sections}
-    blob = json.dumps(part, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return json_digest(part, 16)
 
 
 def resolve_device(device: str, what: str):

@@ -1,26 +1,37 @@
 """Networks on the CPU outside torch, cached on disk by content: the encoder's network exported once to ONNX, then
 run by ONNX Runtime or OpenVINO in fp32 (`encoder.cpu_runtime`; benchmarks/runtimes.py measures them against torch),
-and the flow's scoring module converted once to OpenVINO (`flow.cpu_runtime`)."""
+and the flow's scoring module converted once to OpenVINO (`flow.cpu_runtime`).
+
+The cache (`cache_dir()`, one folder per format) is keyed by `export_key`: the wsi-qc version, the source of the
+exported module's class and of the code its forward runs, its identity dict, every parameter and buffer, and the
+torch, opset and runtime versions; so a code change, another installed version or other weights never read an old
+export. Each entry is written whole (temporary folder, then renamed) with `<key>.sha256` beside it, the digest of
+each of its files, written last; an entry whose files are missing, truncated or changed is rebuilt (with a warning).
+Each format keeps its MAX_ENTRIES most recently used entries.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from wsi_qc import __version__
 from wsi_qc.errors import ConfigError
+from wsi_qc.identity import Digest, file_digest
 
 log = logging.getLogger(__name__)
 
 CPU_RUNTIMES = ("torch", "onnxruntime", "openvino")
 OPSET = 18
+MAX_ENTRIES = 16  # exported networks kept per format (the most recently used ones)
 
 
 def cache_dir() -> Path:
@@ -30,19 +41,83 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "wsi_qc"
 
 
-def _content_key(module: torch.nn.Module, identity: dict) -> str:
-    """sha256 of the identity (architecture, outputs, versions) and of every parameter and buffer."""
-    h = hashlib.sha256(json.dumps({**identity, "torch": torch.__version__, "opset": OPSET}, sort_keys=True).encode())
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:32]
+def export_key(module: torch.nn.Module, identity: dict, code: tuple = ()) -> str:
+    """Key of an exported network: wsi-qc, torch and opset versions with the identity dict (architecture, outputs,
+    runtime version) as JSON, the source of the module's class and of `code` (what its forward calls), then every
+    parameter and buffer (identity.Digest)."""
+    return (Digest().json({**identity, "wsi_qc": __version__, "torch": torch.__version__, "opset": OPSET})
+            .code(type(module), *code).tensors(module.state_dict()).hex(32))
 
 
-def export_onnx(module: torch.nn.Module, input_size: list[int], identity: dict) -> Path:
-    """The ONNX file of `module` on (B, *input_size) float32 inputs, B free; exported on the first call only."""
-    path = cache_dir() / "onnx" / f"{_content_key(module, identity)}.onnx"
-    if path.is_file():
+def _manifest(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.sha256")
+
+
+def _cached(path: Path, names: tuple[str, ...]) -> bool:
+    """True when the entry's files (`names`, beside `path`) are all there with the digests its manifest records;
+    else the caller rebuilds it (a damaged one with a warning naming it). Nothing is deleted here: another process
+    may be publishing the entry right now, and a rebuilt entry replaces each file whole."""
+    manifest = _manifest(path)
+    if not manifest.is_file() and not any((path.parent / n).exists() for n in names):
+        return False
+    try:
+        recorded = json.loads(manifest.read_text())
+        ok = sorted(recorded) == sorted(names) and all(
+            file_digest(path.parent / n) == recorded[n] for n in names)
+    except (OSError, ValueError, TypeError):
+        ok = False
+    if ok:
+        try:
+            os.utime(manifest)  # recently used: kept by _prune
+        except OSError:
+            pass
+        return True
+    log.warning("cached network %s is incomplete or corrupt (missing file or digest mismatch); rebuilding it", path)
+    return False
+
+
+def _publish(tmp: Path, path: Path, names: tuple[str, ...]) -> None:
+    """Move an entry's files from `tmp` beside `path`, then its manifest (last: an entry without one is never used),
+    and prune the format's folder."""
+    digests = {n: file_digest(tmp / n) for n in names}
+    (tmp / _manifest(path).name).write_text(json.dumps(digests, sort_keys=True))
+    for n in names:
+        os.replace(tmp / n, path.parent / n)
+    os.replace(tmp / _manifest(path).name, _manifest(path))
+    _prune(path.parent)
+
+
+def _prune(folder: Path, keep: int = MAX_ENTRIES) -> None:
+    """Remove all but the `keep` most recently used entries of a format's folder, and files of no entry (older
+    exports) untouched for an hour."""
+    listed = {manifest.name for manifest in folder.glob("*.sha256")}
+    for manifest in folder.glob("*.sha256"):
+        try:
+            listed.update(json.loads(manifest.read_text()))
+        except (OSError, ValueError):
+            pass
+    for p in folder.iterdir():
+        try:
+            if p.is_file() and p.name not in listed and time.time() - p.stat().st_mtime > 3600:
+                p.unlink()
+        except OSError:
+            pass
+    entries = sorted(folder.glob("*.sha256"), key=lambda p: p.stat().st_mtime_ns if p.exists() else 0, reverse=True)
+    for manifest in entries[keep:]:
+        try:
+            names = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            names = {}
+        for name in (manifest.name, *names):
+            (folder / name).unlink(missing_ok=True)
+        log.info("removed the cached network %s (the cache keeps %d per format)", manifest.stem, keep)
+
+
+def export_onnx(module: torch.nn.Module, input_size: list[int], identity: dict, code: tuple = ()) -> Path:
+    """The ONNX file of `module` on (B, *input_size) float32 inputs, B free; exported on the first call only (key:
+    export_key, `code` the functions its forward runs)."""
+    path = cache_dir() / "onnx" / f"{export_key(module, identity, code)}.onnx"
+    if _cached(path, (path.name,)):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     log.info("exporting the encoder network to %s (once per network)", path)
@@ -56,7 +131,10 @@ def export_onnx(module: torch.nn.Module, input_size: list[int], identity: dict) 
                           f"{str(exc)[:200]}); set encoder.cpu_runtime: torch") from exc
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # concurrent workers: whole files only
         program.save(Path(tmp) / path.name)
-        os.replace(Path(tmp) / path.name, path)
+        if len(list(Path(tmp).iterdir())) != 1:  # external data beside the graph: not a one-file entry
+            raise ConfigError(f"encoder {identity.get('name')!r} exports to more than one ONNX file; set "
+                              f"encoder.cpu_runtime: torch")
+        _publish(Path(tmp), path, (path.name,))
     return path
 
 
@@ -74,21 +152,22 @@ def openvino_settings(threads: int) -> dict:
     return {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
 
 
-def openvino_model(module: torch.nn.Module, example: torch.Tensor, identity: dict):
+def openvino_model(module: torch.nn.Module, example: torch.Tensor, identity: dict, code: tuple = ()):
     """OpenVINO's model (fp32) of `module` on inputs shaped like `example` (batch free): converted in memory on the
-    first call, then kept under cache_dir()/openvino by content, so that later processes only read it."""
+    first call, then kept under cache_dir()/openvino (key: export_key with the OpenVINO version), so that later
+    processes only read it."""
     ov = import_runtime("openvino")
-    path = cache_dir() / "openvino" / f"{_content_key(module, {**identity, 'openvino': ov.__version__})}.xml"
-    if path.is_file():
+    path = cache_dir() / "openvino" / f"{export_key(module, {**identity, 'openvino': ov.__version__}, code)}.xml"
+    names = (path.name, path.with_suffix(".bin").name)
+    if _cached(path, names):
         return ov.Core().read_model(path)
     with warnings.catch_warnings():  # torch.jit's tracer warnings
         warnings.simplefilter("ignore")
         model = ov.convert_model(module.eval(), example_input=example)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # concurrent workers: whole files only, .bin first
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # concurrent workers: whole files only
         ov.save_model(model, Path(tmp) / path.name, compress_to_fp16=False)
-        os.replace(Path(tmp) / path.with_suffix(".bin").name, path.with_suffix(".bin"))
-        os.replace(Path(tmp) / path.name, path)
+        _publish(Path(tmp), path, names)
     return model
 
 

@@ -171,7 +171,9 @@ class Encoder:
         n_stats = len(stats_names(self.image_stats, self.grid))
         self.dim = self.network_dim + n_stats
         if self.cpu_runtime != "torch":
-            self._run = ExportedNetwork(self.cpu_runtime, export_onnx(_Network(self), cfg["input_size"], self.meta()))
+            code = (Encoder._features, Encoder._resample, Encoder._pool)  # what the exported forward runs
+            self._run = ExportedNetwork(self.cpu_runtime, export_onnx(_Network(self), cfg["input_size"], self.meta(),
+                                                                      code))
         log.info("encoder %s (%s) dim=%d grid=%s on %s (%s)", name, self.weights, self.dim, self.grid, self.device,
                  self.cpu_runtime)
 

@@ -13,5 +13,9 @@ class ConfigError(WSIQCError, ValueError):
     """A configuration value, argument or input set is invalid."""
 
 
+class ScoreError(WSIQCError, ValueError):
+    """A slide's tiles were scored NaN or inf (a damaged network or flow); the slide fails, nothing is stored."""
+
+
 class NotFittedError(WSIQCError, AttributeError):
     """A flow, scorer or threshold was used before it was fitted or loaded."""

@@ -28,7 +28,6 @@ constant to every tile and is left out.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -47,6 +46,7 @@ from wsi_qc import __version__
 from wsi_qc.config import resolve_device
 from wsi_qc.cpu_runtime import import_runtime, openvino_model, openvino_settings
 from wsi_qc.errors import ConfigError, NotFittedError
+from wsi_qc.identity import Digest
 
 log = logging.getLogger(__name__)
 
@@ -157,22 +157,20 @@ def _check_finite(features: np.ndarray, what: str) -> None:
 
 
 def _fingerprint(weights: Path, meta: dict) -> str:
-    """sha256 of the weights file and of the meta (without its fingerprint): any change to either shows."""
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    h.update(json.dumps({k: v for k, v in meta.items() if k != "fingerprint"}, sort_keys=True).encode())
-    return h.hexdigest()
+    """A scorer's fingerprint. Key: the bytes of the weights file, then the meta (without its fingerprint) as JSON
+    with sorted keys (identity.Digest): any change to either shows."""
+    return Digest().file(weights).json({k: v for k, v in meta.items() if k != "fingerprint"}).hex()
 
 
 class Flow:
     """Normalizing flow fitted on reference features; see the module docstring for the definitions."""
 
-    def __init__(self, pca_dim: int | None = None, n_blocks: int = 8, hidden: int = 256, clamp: float = 2.0,
-                 epochs: int = 200, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-5,
-                 val_fraction: float = 0.2, patience: int = 15, seed: int = 0, min_reference: int = 50,
+    def __init__(self, pca_dim: int | None = None, n_blocks: int = 6, hidden: int = 128, clamp: float = 2.0,
+                 epochs: int = 40, batch_size: int = 2048, lr: float = 1e-3, weight_decay: float = 1e-5,
+                 val_fraction: float = 0.2, patience: int = 5, seed: int = 0, min_reference: int = 50,
                  device: str = "cpu", cpu_runtime: str = "torch"):
+        # the hyper-parameters' defaults are configs/default.yaml's flow section (tests/test_scorer.py holds them
+        # equal); device and cpu_runtime default to plain torch on the CPU, the config's to auto and openvino
         self.pca_dim = pca_dim
         self.n_blocks = n_blocks
         self.hidden = hidden
@@ -385,7 +383,7 @@ class Flow:
             module = _Scoring(self.inn_)
             model = openvino_model(module, torch.zeros(2, self.latent_dim_),
                                    {"kind": "flow", "splits": module.splits, "clamp": module.clamp,
-                                    "log_scale": module.log_scale})
+                                    "log_scale": module.log_scale}, code=(_subnet,))
             model.reshape([OPENVINO_ROWS, self.latent_dim_])
             self._compiled[threads] = ov.Core().compile_model(model, "CPU", openvino_settings(threads))
         compiled = self._compiled[threads]

@@ -2,24 +2,21 @@
 
 Each slide is tiled, encoded, scored and thresholded, then written to the store (status "done" last)
 with its overlay PNG and GeoJSON. A slide that fails is recorded and the batch goes on; a rerun skips
-slides already done with the same fingerprint. Tiles are read by a background thread (and, outside
+slides already done with the same fingerprint from the same file (identity.file_state: size, mtime and the digest
+of its first MiB), and redoes a slide whose file was replaced. Tiles are read by a background thread (and, outside
 Dask, by `tiles.workers` reader processes) while the encoder runs, so reading hides behind encoding.
 """
 
 from __future__ import annotations
 
 import csv
-import ctypes
 import json
 import logging
-import multiprocessing
 import resource
-import signal
-import sys
 import time
 import traceback
+import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -29,8 +26,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from wsi_qc import __version__
-from wsi_qc.config import fingerprint, load_config
-from wsi_qc.errors import ConfigError, SlideError
+from wsi_qc.config import explicit_keys, fingerprint, load_config, with_explicit
+from wsi_qc.cpu_runtime import cache_dir
+from wsi_qc.errors import ConfigError, ScoreError, SlideError
+from wsi_qc.identity import file_state
 from wsi_qc.report import overlay_png, thumbnail_png, write_geojson, write_run_report  # noqa: F401 (re-exported)
 from wsi_qc.cascade import PASSES
 from wsi_qc.scorer import Scorer, slide_scores
@@ -38,6 +37,7 @@ from wsi_qc.slide import Slide, slide_files
 from wsi_qc.store import consolidate, locked, open_store, read_slide, slide_done, slide_key, tidy, write_slide
 from wsi_qc.threshold import Threshold
 from wsi_qc.tiles import grid_image
+from wsi_qc.workers import run_each
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ NOT_IN_RESULTS: dict[str, tuple[str, ...] | None] = {
 
 
 def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
-    """Slide files from files, folders (recursive, comma-separated globs) and CSV manifests (column `path`)."""
+    """Slide files from files, folders (recursive, comma-separated globs) and CSV manifests (column `path`); a file
+    given twice (e.g. by name and inside a given folder) is listed once, two files of one slide id are refused."""
     out: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -72,27 +73,42 @@ def collect_slides(inputs: list[str | Path], pattern: str) -> list[Path]:
         else:
             out.append(item)  # missing or bad files fail per slide, with the error in the report
     seen: dict[str, Path] = {}
+    unique: list[Path] = []
     for path in out:
         try:
             key = slide_key(path.stem)
         except ConfigError:  # fails per slide, naming the file
+            unique.append(path)
             continue
-        if key in seen and seen[key] != path:
+        if key in seen:
+            if _same_file(seen[key], path):  # given twice (a file and its folder): processed once
+                continue
             raise ConfigError(f"two slides share the id {key!r}: {seen[key]} and {path}; rename one of them")
         seen[key] = path
-    return out
+        unique.append(path)
+    return unique
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:  # missing or a dangling link: the same when the paths are
+        return a.absolute() == b.absolute()
 
 
 @lru_cache(maxsize=2)
-def _load(scorer_path: str, calibration_path: str, config_json: str) -> tuple[Scorer, Threshold]:
+def _load(scorer_path: str, calibration_path: str, config_json: str, explicit: tuple | None) -> tuple[Scorer, Threshold]:
     config = json.loads(config_json)
-    scorer = Scorer.load(scorer_path, config)
+    scorer = Scorer.load(scorer_path, config if explicit is None else with_explicit(config, explicit))
     return scorer, Threshold.load(calibration_path, scorer.fingerprint, scorer.config["score"])
 
 
 def check_inputs(scorer_path: str | Path, calibration_path: str | Path, config: dict) -> tuple[Scorer, Threshold]:
-    """Load scorer and calibration (cached per process); run_slides calls it before any slide."""
-    return _load(str(scorer_path), str(calibration_path), json.dumps(config, sort_keys=True))
+    """Load scorer and calibration (cached per process, key: both paths, the config as JSON and the keys it sets);
+    run_slides calls it before any slide."""
+    explicit = explicit_keys(config)
+    return _load(str(Path(scorer_path)), str(Path(calibration_path)), json.dumps(config, sort_keys=True),
+                 None if explicit is None else tuple(sorted(explicit)))
 
 
 def result_config(config: dict) -> dict:
@@ -168,8 +184,9 @@ def _peak_rss_mb() -> float:
 
 
 def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | Path, config: dict,
-             out: str | Path, report_dir: str | Path, force: bool = False) -> dict:
+             out: str | Path, report_dir: str | Path, force: bool = False, run_id: str | None = None) -> dict:
     """QC one slide into the store; returns its report row (status done / skipped / failed, never raises).
+    With `run_id`, the slide is written only while the store belongs to that run (store.StaleRun).
 
     Encoding and scoring run with run.threads torch and BLAS threads whatever the mode, so the scores (and
     the masks) are the same with --workers, Dask or any OMP_NUM_THREADS.
@@ -182,7 +199,12 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
         fp = run_fingerprint(config, scorer, threshold)
         root = open_store(out)
         stored = ("features",) if config["run"]["save_features"] else ()
-        if not force and slide_done(root, slide_id, fp, arrays=stored):
+        try:  # before reading: a file replaced while it is read is redone next time
+            source_state = file_state(path)
+        except OSError:  # opening it below fails with the slide's own error
+            source_state = None
+        if not force and source_state is not None and slide_done(root, slide_id, fp, arrays=stored,
+                                                                 source_state=source_state):
             found = read_slide(root, slide_id)
             return _summary(slide_id, path, found["attrs"], found["rl2"], "skipped", time.perf_counter() - start)
         _reset_peak_rss()
@@ -193,9 +215,11 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
                                                              found.tiles, dict(found.timings))
             scores = found.scores
             rl2, rl2_map = scores["rl2"].astype(np.float32), scores["rl2_map"]
+            _check_scores(rl2, slide_id, scorer_path)
             keep = threshold.keep(rl2) & ~scores["discard"]
             grid = grid_image(tiles, np.where(keep, 1, 2).astype(np.uint8))
-            attrs = {"source": str(path.resolve()), "sha256_head": slide.sha256_head(), "mpp": slide.mpp,
+            attrs = {"source": str(path.resolve()), "sha256_head": source_state["head"],
+                     "source_state": source_state, "mpp": slide.mpp,
                      "tile_mpp": tiles.mpp, "tile_size": tiles.size, "thumbnail_mpp": thumb_mpp,
                      "n_tiles": int(len(rl2)), "n_keep": int(keep.sum()), "threshold": float(threshold.threshold_),
                      "score_kind": scorer.score_kind, "scorer_kind": scorer.kind, "fingerprint": fp,
@@ -217,7 +241,7 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
             t0 = time.perf_counter()
             write_slide(root, slide_id, coords=tiles.coords, rl2=rl2, keep=keep, grid=grid, tissue=tissue,
                         attrs=attrs, rl2_map=rl2_map, passes=scores["pass"] if scorer.cascade_on else None,
-                        features=scores.get("features"))
+                        features=scores.get("features"), run_id=run_id)
             # known only after the write: in the report row, not in the stored attrs
             timings["write_s"] = round(time.perf_counter() - t0, 3)
             timings["peak_rss_mb"] = _peak_rss_mb()
@@ -231,6 +255,15 @@ def qc_slide(path: str | Path, scorer_path: str | Path, calibration_path: str | 
         row["error"] = f"{type(exc).__name__}: {exc}"
         row["traceback"] = traceback.format_exc()
         return row
+
+
+def _check_scores(rl2: np.ndarray, slide_id: str, scorer_path) -> None:
+    """Refuse a slide whose tiles scored NaN or inf: never stored as done with 0 % kept."""
+    bad = int((~np.isfinite(rl2)).sum())
+    if bad:
+        raise ScoreError(f"slide {slide_id}: {bad} of {len(rl2)} tiles scored NaN or inf with scorer {scorer_path}; "
+                         f"its networks give non-finite numbers (a damaged export in {cache_dir()}: delete that folder "
+                         f"and rerun; or set encoder.cpu_runtime and flow.cpu_runtime to torch; or refit the scorer)")
 
 
 def _slide_id(path: Path) -> str:
@@ -257,21 +290,6 @@ def fixed_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker when the process that started it dies (e.g. by SIGKILL),
-    so no orphan keeps writing into the store while a rerun redoes its slide."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-
-def _no_reader_processes(config: dict) -> dict:
-    """Dask workers are daemonic and cannot start reader processes: they read tiles with a thread."""
-    return {**config, "tiles": {**config["tiles"], "workers": 0}}
-
-
 def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str | Path, config: dict,
                out: str | Path, report_dir: str | Path, force: bool = False) -> list[dict]:
     """QC every slide (local processes, or Dask when run.scheduler is set); returns one report row per slide.
@@ -285,55 +303,39 @@ def run_slides(paths: list[Path], scorer_path: str | Path, calibration_path: str
                     "threshold (%.6g); recalibrate with wsi-qc calibrate to change it", calibration_path,
                     threshold.threshold_)
     with locked(out, wait=float(run["lock_wait"])):
+        run_id = uuid.uuid4().hex  # fences out slide writers of earlier runs (store.write_slide)
         open_store(out, attrs={"version": __version__, "config": config, "scorer": scorer.meta,
-                               "threshold": threshold.to_dict(), "auc": threshold.auc_})
+                               "threshold": threshold.to_dict(), "auc": threshold.auc_, "run_id": run_id})
         tidy(out)
-        rows = _run_all(paths, (str(scorer_path), str(calibration_path)), config, out, report_dir, force)
+        rows = _run_all(paths, (str(scorer_path), str(calibration_path)), config, out, report_dir, force, run_id)
         tidy(out)
         consolidate(out)
     order = {str(p): i for i, p in enumerate(paths)}
     return sorted(rows, key=lambda r: order.get(r["path"], 0))
 
 
-def _run_all(paths: list[Path], args: tuple[str, str], config: dict, out, report_dir, force: bool) -> list[dict]:
-    """One report row per slide, from local processes, Dask or this process (run.workers, run.scheduler)."""
-    run = config["run"]
-    rows: list[dict] = []
-    bar = tqdm(total=len(paths), desc="slides", unit="slide", disable=None)
-    if run["scheduler"]:
-        from distributed import Client, LocalCluster, as_completed as dask_completed
+def _run_all(paths: list[Path], args: tuple[str, str], config: dict, out, report_dir, force: bool,
+             run_id: str) -> list[dict]:
+    """One report row per slide, from local processes, Dask or this process (run.workers, run.scheduler; see
+    wsi_qc.workers: a worker that dies fails only its slide)."""
+    # qc_slide is looked up here, at call time (a test may replace it)
+    args = (*map(Path, args), config, Path(out), Path(report_dir), force, run_id)
+    return run_each(qc_slide, paths, args, config, _died)
 
-        cfg = _no_reader_processes(config)
-        if run["scheduler"] == "local":
-            cluster = LocalCluster(n_workers=run["workers"], threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
-            client = Client(cluster)
-        else:
-            cluster, client = None, Client(run["scheduler"])
-        try:
-            futures = [client.submit(qc_slide, str(p), *args, cfg, str(out), str(report_dir), force, pure=False)
-                       for p in paths]
-            for fut in dask_completed(futures):
-                rows.append(fut.result())
-                bar.update()
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-    elif run["workers"] > 1:
-        with ProcessPoolExecutor(run["workers"], mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_die_with_parent) as pool:
-            futures = [pool.submit(qc_slide, str(p), *args, config, str(out), str(report_dir), force)
-                       for p in paths]
-            for fut in as_completed(futures):
-                rows.append(fut.result())
-                bar.update()
-    else:
-        for p in paths:
-            rows.append(qc_slide(p, *args, config, out, report_dir, force))
-            bar.update()
-    bar.close()
-    return rows
+
+def _died(path: str, why: str) -> dict:
+    """The report row of a slide whose worker died while processing it."""
+    log.warning("slide %s failed: %s", path, why)
+    row = _summary(_safe_id(Path(path)), Path(path), {}, None, "failed", 0.0)
+    row["error"] = f"WorkerDied: {why}"
+    return row
+
+
+def _safe_id(path: Path) -> str:
+    try:
+        return _slide_id(path)
+    except SlideError:
+        return path.stem or path.name
 
 
 def export_tiles(out: str | Path, export_dir: str | Path, slides: Iterable[str] | None = None) -> dict[str, int]:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from wsi_qc import __version__
 from wsi_qc.cascade import PASSES, coarse_config, focus_values, in_range, settled, to_scale, upsample
-from wsi_qc.config import load_config
+from wsi_qc.config import explicit_keys, load_config, with_explicit
 from wsi_qc.encoder import Encoder, stats_names
 from wsi_qc.errors import ConfigError
 from wsi_qc.flow import META_FILE, Flow, held_out
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # for malloc_trim (_trim_heap)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+ONE_PAGE_SUFFIXES = (".tif", ".tiff")  # tile images only when PIL reads them as one page (else slides)
 SCORE_KINDS = ("rl2", "nll")
 SCORER_FORMAT = 2  # bump when the scorer folder changes incompatibly
 TRIM_EVERY = 8  # batches of a slide between returns of freed memory to the system (_trim_heap)
@@ -94,14 +95,49 @@ def flow_from_config(config: dict) -> Flow:
     return Flow(**config["flow"])
 
 
-def image_paths(folder: str | Path) -> list[Path]:
-    """Tile image files under a folder (recursive, sorted)."""
+def is_tile_image(path: Path) -> bool:
+    """A PNG, JPEG or BMP file, or a TIFF that PIL reads as one page (a pyramidal or huge TIFF is a slide)."""
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        return False
+    if suffix not in ONE_PAGE_SUFFIXES:
+        return True
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) == 1
+    except (OSError, Image.DecompressionBombError):  # unreadable or too large for PIL: not a tile
+        return False
+
+
+def _mixed(folder: Path, slides: list[Path], images: list[Path]) -> ConfigError:
+    return ConfigError(f"{folder} holds both slide files ({len(slides)}, e.g. {slides[0]}) and tile images "
+                       f"({len(images)}, e.g. {images[0]}); a folder is either slides or tiles: move one kind into "
+                       f"a folder of its own")
+
+
+def folder_contents(folder: Path, pattern: str) -> tuple[list[Path], list[Path]]:
+    """(slide files (run.pattern globs), tile images) under a folder, recursive, sorted; a TIFF that matches the
+    pattern and is a tile image (is_tile_image) counts as a tile image."""
+    candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = [p for p in candidates if is_tile_image(p)]
+    tiles = set(images)
+    return [p for p in slide_files(folder, pattern) if p not in tiles], images
+
+
+def image_paths(folder: str | Path, pattern: str | None = None) -> list[Path]:
+    """Tile image files under a folder (recursive, sorted); a folder that also holds slide files (run.pattern, the
+    default config's when None, and TIFFs PIL does not read as one page) is refused, naming both."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder of tile images; pass a directory of PNG/JPEG tiles")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    slides, paths = folder_contents(folder, pattern or load_config()["run"]["pattern"])
+    tiles = set(paths)
+    slides = sorted(set(slides) | {p for p in folder.rglob("*") if p.suffix.lower() in ONE_PAGE_SUFFIXES
+                                   and p not in tiles})
     if not paths:
         raise ConfigError(f"{folder} holds no tile images ({', '.join(IMAGE_SUFFIXES)}); point at a folder of tiles")
+    if slides:
+        raise _mixed(folder, sorted(slides), paths)
     return paths
 
 
@@ -115,6 +151,9 @@ def read_tile_images(paths: Iterable[str | Path], size: int) -> np.ndarray:
                 if im.size != (size, size):
                     im = im.resize((size, size), Image.Resampling.BILINEAR)
                 out.append(np.asarray(im))
+        except Image.DecompressionBombError as exc:
+            raise ConfigError(f"{path} is too large for a tile image ({exc}); it looks like a slide: pass it as a "
+                              f"slide, or cut it into tiles") from exc
         except OSError as exc:
             raise ConfigError(f"{path} is not a readable image ({exc}); remove it or replace it") from exc
     return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
@@ -230,17 +269,19 @@ def _timed(timings: dict | None, key: str):
 
 
 def _slides_in(folder: Path, pattern: str) -> list[Path]:
-    """Slide files of a folder (run.pattern globs, recursive) when it holds no PNG/JPEG/BMP tiles, else []."""
-    if any(p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp") for p in folder.rglob("*")):
-        return []
-    return slide_files(folder, pattern)
+    """Slide files of a folder (run.pattern globs, recursive), or [] for a folder of tile images; a folder that
+    holds both is refused, naming both."""
+    slides, images = folder_contents(folder, pattern)
+    if slides and images:
+        raise _mixed(folder, slides, images)
+    return slides
 
 
 def reference_features(inputs: Iterable[str | Path], encoder: Encoder, config: dict) -> tuple[np.ndarray, np.ndarray]:
     """(features, group of each tile) of slides and folders; the group is the slide or tile folder.
 
-    A folder holding PNG/JPEG/BMP files is a folder of tiles; one holding only slide files (run.pattern) is
-    a folder of slides.
+    A folder of tile images (is_tile_image) is a folder of tiles; one of slide files (run.pattern) a folder of
+    slides; one holding both is refused.
     """
     sources: list[tuple[str, Path]] = []
     for item in map(Path, inputs):
@@ -263,19 +304,24 @@ def reference_features(inputs: Iterable[str | Path], encoder: Encoder, config: d
 
 def folder_features(folder: str | Path, encoder: Encoder, config: dict) -> tuple[list[Path], np.ndarray]:
     """(paths, features) of a folder of tile images."""
-    paths = image_paths(folder)
+    paths = image_paths(folder, config["run"]["pattern"])
     images = read_tile_images(paths, config["tiles"]["size"])
     return paths, encode(encoder, batches(images, config["tiles"]["batch_size"]), len(images), desc=Path(folder).name)
 
 
 def _merge_config(saved: dict, config: dict, defaults: dict, path: Path) -> dict:
     """The config a loaded scorer runs with: its own sections (SCORER_SECTIONS), where `config` may change the
-    run-time keys; `config` values equal to the defaults count as unset. A changed bound key is refused."""
-    merged = {**config}
+    run-time keys. Set means set explicitly (a Config from load_config knows which keys its files and overrides
+    set, even to the default); for a plain dict, values equal to the defaults count as unset. A bound key set to
+    another value than the scorer's is refused."""
+    explicit = explicit_keys(config)
+    merged = with_explicit(config, explicit) if explicit is not None else {**config}
     for section in SCORER_SECTIONS:
         merged[section] = {**config[section], **saved[section]}  # keys newer than the scorer: the config's
         for key, want in config[section].items():
-            if _plain(want) == _plain(defaults[section].get(key)) or _plain(want) == _plain(saved[section].get(key)):
+            unset = ((section, key) not in explicit if explicit is not None
+                     else _plain(want) == _plain(defaults[section].get(key)))
+            if unset or _plain(want) == _plain(saved[section].get(key)):
                 continue
             if key not in RUNTIME_KEYS.get(section, ()):
                 raise ConfigError(f"scorer {path} was fitted with {section}.{key}={saved[section].get(key)!r} but the "
@@ -556,7 +602,8 @@ class Scorer:
 
     def _load_cascade(self, path: Path, info: dict | None, defaults: dict) -> None:
         """The coarse pass saved with the scorer; cascade.enabled without one, or another coarse resolution than
-        the scorer's, is refused."""
+        the scorer's set by the config (even to the default; see _merge_config), is refused."""
+        explicit = explicit_keys(self.config)
         c = self.config["cascade"] = dict(self.config["cascade"])
         if info is None:
             if c["enabled"] is True:
@@ -564,7 +611,8 @@ class Scorer:
                                   f"set cascade.enabled: false or refit with it (wsi-qc fit-reference)")
             return
         for key, have in info["config"].items():  # the coarse pass's resolution is bound to the scorer
-            if c[key] not in (have, defaults[key]):
+            unset = ("cascade", key) not in explicit if explicit is not None else c[key] == defaults[key]
+            if not unset and c[key] != have:
                 raise ConfigError(f"scorer {path} was fitted with cascade.{key}={have!r} but the config asks for "
                                   f"{c[key]!r}; drop cascade.{key} from the config or refit")
             c[key] = have

@@ -8,7 +8,6 @@ tile through zarr, or memory-mapped when uncompressed) or PIL (PNG/JPEG, read on
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_qc.errors import ConfigError, SlideError
+from wsi_qc.identity import head_digest
 from wsi_qc.readers import MAX_OUTPUT_PIXELS, ArrayReader, OpenSlideReader, TiffReader, open_reader
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,6 @@ MAX_READ_PIXELS = 1 << 24     # larger reads are split into bands (bounded memor
 # (0.003 bytes/px); a header claiming pixels at under 1e-4 bytes each is corrupt (checked above 2**24 pixels).
 MIN_BYTES_PER_PIXEL = 1e-4
 MULTI_FILE_SUFFIXES = {".mrxs", ".vms", ".vmu"}  # the pixels are in other files beside the one opened
-HEAD_BYTES = 1 << 20
 
 
 def _check_mpp_arg(value: float | None, name: str) -> float | None:
@@ -224,14 +223,11 @@ class Slide:
         return self.read_region((0, 0), size, mpp)
 
     def sha256_head(self) -> str:
-        """'sha256:<hex>:<size>' of the first MiB of the file (of the pixels for an array) and its size in bytes."""
+        """'sha256:<hex>:<size>' of the first MiB of the file (of the pixels for an array) and its size in bytes
+        (identity.head_digest)."""
         if self.path is None:
-            image = self._open()._image
-            head = image.reshape(-1)[:HEAD_BYTES].tobytes()
-            return f"sha256:{hashlib.sha256(head).hexdigest()}:{image.nbytes}"
-        with open(self.path, "rb") as fh:
-            head = fh.read(HEAD_BYTES)
-        return f"sha256:{hashlib.sha256(head).hexdigest()}:{self.path.stat().st_size}"
+            return head_digest(array=self._open()._image)
+        return head_digest(self.path)
 
     def close(self) -> None:
         """Release the file handles; reading afterwards raises SlideError."""

