@@ -29,7 +29,7 @@ import yaml
 from wsi_qc.errors import ConfigError
 from wsi_qc.nuclei.data import CONSEP_TYPES, read_folder
 from wsi_qc.nuclei.model import NucleiModel
-from wsi_qc.nuclei.train import evaluate, prepare, train
+from wsi_qc.nuclei.train import evaluate, prepare, train, tune_postprocess
 
 log = logging.getLogger("pipelines.nuclei_study")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,27 +66,52 @@ def paired_diff_ci(a: dict, b: dict, key: str, n: int, seed: int = 0) -> tuple[f
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+def _trained(folder: Path, row: dict, study: dict) -> NucleiModel | None:
+    """The row's model saved by an earlier run with the same encoder, weights, levels and training, else None."""
+    if not (folder / "nuclei.json").is_file():
+        return None
+    meta = json.loads((folder / "nuclei.json").read_text())
+    same = (meta["encoder"]["name"] == row["encoder"] and meta["encoder"]["weights"] == row["weights"]
+            and meta["levels"] == sorted(row["levels"]) and meta["mpp"] == study["mpp"]
+            and all(meta.get("training", {}).get(k) == v for k, v in study["train"].items()))
+    return NucleiModel.load(folder) if same else None
+
+
+def tuning_items(train_items: list) -> dict[str, list]:
+    """Per test set, the training images of the same data set its watershed thresholds are picked on: 8 MoNuSeg
+    training images for the MoNuSeg test, every 10th CoNSeP train tile for the CoNSeP test."""
+    return {"test_monuseg": [it for it in train_items if it.sample.name.startswith("TCGA-")][:8],
+            "test_consep": [it for it in train_items if it.sample.name.startswith("train_")][::10]}
+
+
 def run_row(row: dict, data: dict, study: dict, cache: Path, out: Path) -> dict:
-    """Train one decoder (saved to out/models/<row>), evaluate it on both test sets."""
-    torch.set_num_threads(study["train"]["threads"])
-    start = time.perf_counter()
-    model = NucleiModel.create(row["encoder"], row["weights"], row["levels"], n_types=len(CONSEP_TYPES),
-                               type_names=CONSEP_TYPES, mpp=study["mpp"], tile_size=study["train"]["crop"],
-                               seed=study["train"]["seed"])
-    # the cache holds all four stages of the encoder once; every row of that encoder slices its levels
+    """Train one decoder (saved to out/models/<row>; reused by a rerun with the same settings), evaluate it on
+    both test sets."""
     from wsi_qc.nuclei.network import FrozenEncoder
 
+    torch.set_num_threads(study["train"]["threads"])
+    start = time.perf_counter()
+    # the cache holds all four stages of the encoder once; every row of that encoder slices its levels
     frozen = FrozenEncoder(row["encoder"], row["weights"], [0, 1, 2, 3])
     prepared = {k: prepare(v, frozen, study["mpp"], cache, progress=True) for k, v in data.items()}
     t_maps = time.perf_counter() - start
-    history = train(model, prepared["train"], **{k: study["train"][k] for k in
-                                                 ("steps", "batch_size", "crop", "lr", "seed", "threads")})
-    model.save(out / "models" / "".join(c if c.isalnum() else "-" for c in row["name"]).strip("-"))
-    result = {"row": row, "maps_seconds": round(t_maps, 1), "train_seconds": history["seconds"],
-              "loss_first": history["loss_first"], "loss_last": history["loss_last"]}
-    for key in ("test_monuseg", "test_consep"):
-        r = evaluate(model, prepared[key])
-        result[key] = {k: v for k, v in r.items()}
+    folder = out / "models" / "".join(c if c.isalnum() else "-" for c in row["name"]).strip("-")
+    model = _trained(folder, row, study)
+    if model is None:
+        model = NucleiModel.create(row["encoder"], row["weights"], row["levels"], n_types=len(CONSEP_TYPES),
+                                   type_names=CONSEP_TYPES, mpp=study["mpp"], tile_size=study["train"]["crop"],
+                                   seed=study["train"]["seed"])
+        train(model, prepared["train"], **{k: study["train"][k] for k in
+                                           ("steps", "batch_size", "crop", "lr", "seed", "threads")})
+    t = model.meta["training"]
+    result = {"row": row, "model": str(folder), "maps_seconds": round(t_maps, 1), "train_seconds": t["seconds"],
+              "loss_first": t["loss_first"], "loss_last": t["loss_last"]}
+    for key, items in tuning_items(prepared["train"]).items():  # the saved model keeps MoNuSeg's thresholds
+        tuned = tune_postprocess(model, items)
+        result[key] = {**evaluate(model, prepared[key]), "postprocess": dict(model.postprocess),
+                       "tuning": {f"marker {k[0]} fg {k[1]}": v for k, v in tuned.items()}}
+        if key == "test_monuseg":
+            model.save(folder)
     return result
 
 

@@ -88,6 +88,8 @@ def test_save_load_round_trip_and_refusals(tiny_model, synth, tmp_path):
     meta = json.loads((tiny_model / "nuclei.json").read_text())
     assert meta["encoder"]["name"] == "test_efficientnet" and meta["levels"] == [0, 1, 2] and meta["mpp"] == 0.25
     assert len(meta["encoder"]["weights_sha256"]) > 0 and len(meta["decoder_sha256"]) == 64
+    assert meta["postprocess"]["marker_threshold"] in (0.2, 0.3, 0.4, 0.5, 0.6)  # picked on training images
+    assert model.postprocess == meta["postprocess"] and meta["training"]["steps"] == 40
     again = NucleiModel.load(tiny_model, encoder="test_efficientnet", mpp=0.25, runtime="torch")
     for a, b in zip(model.predict_maps(images)[:2], again.predict_maps(images)[:2]):
         np.testing.assert_array_equal(a, b)

@@ -27,8 +27,9 @@ def train_model(folders: list[str | Path], out: str | Path, encoder: str = "tf_e
                 mpp: float = 0.25, data_mpp: float | None = None, steps: int = 1500, batch_size: int = 8,
                 crop: int = 128, lr: float = 2e-3, seed: int = 0, threads: int = 2,
                 cache_dir: str | Path | None = None, progress: bool = True) -> NucleiModel:
-    """Train a decoder on the labelled folders (CoNSeP: its train split; types when any sample has them)."""
-    from wsi_qc.nuclei.train import prepare, train
+    """Train a decoder on the labelled folders (CoNSeP: its train split; types when any sample has them); the
+    watershed thresholds are then picked on up to ~40 of the training images (wsi_qc.nuclei.train.tune_postprocess)."""
+    from wsi_qc.nuclei.train import prepare, train, tune_postprocess
 
     import torch
 
@@ -41,6 +42,7 @@ def train_model(folders: list[str | Path], out: str | Path, encoder: str = "tf_e
     items = prepare(samples, model.encoder, mpp, cache_dir, progress)
     train(model, items, steps=steps, batch_size=batch_size, crop=crop, lr=lr, seed=seed, threads=threads,
           progress=progress)
+    tune_postprocess(model, items[::max(1, len(items) // 40)])  # watershed thresholds on <= ~40 training images
     model.meta["training"]["data"] = [str(f) for f in folders]
     model.save(out)
     return model

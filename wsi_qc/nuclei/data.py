@@ -148,15 +148,6 @@ def read_folder(path: str | Path, split: str | None = None, mpp: float | None = 
     return samples
 
 
-def relabel(instances: np.ndarray) -> np.ndarray:
-    """Consecutive ids 1..N in order of first appearance (row-major), uint16."""
-    ids, inverse = np.unique(instances, return_inverse=True)
-    out = inverse.reshape(instances.shape)
-    if ids[0] != 0:
-        out = out + 1
-    return out.astype(np.uint16)
-
-
 def resample(sample: Sample, mpp: float) -> Sample:
     """The sample at `mpp` (bilinear image, nearest instances); unchanged within 5 %."""
     factor = sample.mpp / mpp

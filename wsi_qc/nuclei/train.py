@@ -151,17 +151,40 @@ def train(model: NucleiModel, items: list[Prepared], steps: int = 1500, batch_si
     return {"loss": history, **summary}
 
 
+def _maps_of(model: NucleiModel, it: Prepared):
+    """Foreground, distance and type maps of a prepared sample (cropped to its valid size), from its cached maps."""
+    h, w = it.fg.shape
+    rgb = torch.from_numpy(np.require(it.rgb[None], requirements=["C", "W"])).permute(0, 3, 1, 2).float().div_(255)
+    maps = [torch.from_numpy(it.maps[lv][None].astype(np.float32)) for lv in model.encoder.levels]
+    fg, dist, types = model.forward_maps(rgb, maps)
+    return fg[0, :h, :w], dist[0, :h, :w], None if types is None else types[0, :, :h, :w]
+
+
+def tune_postprocess(model: NucleiModel, items: list[Prepared],
+                     marker_thresholds=(0.2, 0.3, 0.4, 0.5, 0.6), fg_thresholds=(0.4, 0.5)) -> dict:
+    """Pick the watershed's thresholds by mean AJI + PQ over `items` (labelled images the model may have seen:
+    thresholds, not weights); stores them in the model's post-processing and returns {setting: score}."""
+    maps = [_maps_of(model, it) for it in items]
+    found = {}
+    for mt in marker_thresholds:
+        for ft in fg_thresholds:
+            model.postprocess.update(marker_threshold=mt, fg_threshold=ft)
+            s = [metrics.scores(metrics.image_parts(it.sample.instances, model.instances(*m)[0]))
+                 for it, m in zip(items, maps)]
+            found[(mt, ft)] = float(np.mean([x["aji"] + x["pq"] for x in s]))
+    best = max(found, key=found.get)
+    model.postprocess.update(marker_threshold=best[0], fg_threshold=best[1])
+    model.meta["postprocess"] = dict(model.postprocess)
+    return found
+
+
 def evaluate(model: NucleiModel, items: list[Prepared], radius: float = 12.0) -> dict:
     """Per source image (group): Dice, AJI, DQ, SQ, PQ from components pooled over its tiles; and, when the
     samples have types, detection F1 and HoVer-Net's per-type F1 over all images (centroids within `radius`)."""
     groups: dict[str, dict] = {}
     counts = []
     for it in items:
-        h, w = it.fg.shape
-        rgb = torch.from_numpy(it.rgb[None]).permute(0, 3, 1, 2).float().div_(255)
-        maps = [torch.from_numpy(it.maps[lv][None].astype(np.float32)) for lv in model.encoder.levels]
-        fg, dist, types = model.forward_maps(rgb, maps)
-        inst, table = model.instances(fg[0, :h, :w], dist[0, :h, :w], None if types is None else types[0, :, :h, :w])
+        inst, table = model.instances(*_maps_of(model, it))
         parts = metrics.image_parts(it.sample.instances, inst)
         g = it.sample.group
         groups[g] = metrics.add_parts(groups.get(g, {}), parts)
