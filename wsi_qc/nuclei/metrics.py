@@ -105,7 +105,9 @@ def concat_counts(items: list[dict]) -> dict:
 
 
 def type_f1(counts: dict, type_id: int) -> float:
-    """HoVer-Net's per-type F1 (compute_stats.py, weights 2, 2, 2, 1, 1) over pooled counts."""
+    """HoVer-Net's per-type F1 over pooled counts: 2 (TP + TN) / (2 (TP + TN) + 2 FP + 2 FN + FP_d + FN_d), where
+    TP/TN/FP/FN count paired nuclei of which the true or the predicted type is `type_id`, and FP_d/FN_d the unpaired
+    predicted/true nuclei of that type."""
     pt, pp = counts["paired_true"], counts["paired_pred"]
     sel = (pt == type_id) | (pp == type_id)
     pt, pp = pt[sel], pp[sel]
