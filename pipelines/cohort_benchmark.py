@@ -3,7 +3,7 @@
 Tiles come from the real images of ../shared/data (MoNuSeg: seven organs at 40x; CPM-15: glioblastoma and head and
 neck; GBM and LGG brain tiles; one kidney in eleven stains, each image halved into two units; the CMU-1 skin slide;
 the real clean/inked pen pairs). Source units are split per organ/stain group into the cohort (what the scorer is
-fitted on, unlabelled), selection (chooses reference.trim_z) and test (reported); never by tile. Cohort tiles are
+fitted on, unlabelled), selection (chooses reference.stat_z and core_z) and test (reported); never by tile. Cohort tiles are
 replaced by an artifact version at a prevalence (0-30 %); selection and test units get artifact tiles of every kind
 and severity (synthetic, wsi_qc.artifacts, on this real tissue) and the real inked pen tiles.
 
@@ -21,22 +21,21 @@ bootstrap CIs that resample source units.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
 import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
 
 from pipelines.qc_benchmark import (KNN, PEN, PEN_MPP, SHARED, Gaussian, _pen_mosaics, _resample, _slide_tiles,
-                                    auroc, bench_main, local_maps)
+                                    auroc, bench_main, features_of, local_maps)
 from wsi_qc.artifacts import make_artifact
-from wsi_qc.cohort.robust import fit_robust, inliers
+from wsi_qc.cohort.robust import fit_robust
 from wsi_qc.encoder import stats_names
-from wsi_qc.scorer import Scorer, aggregate, batches, encode, encoder_from_config
+from wsi_qc.scorer import Scorer, aggregate, encoder_from_config
 from wsi_qc.threshold import Threshold
 
 log = logging.getLogger("pipelines.cohort_benchmark")
@@ -177,22 +176,6 @@ def build_table(units: list[dict], own: dict) -> tuple[list, dict]:
     return images, {k: np.asarray(v) for k, v in cols.items()}
 
 
-def features_of(images: list, config: dict, out: Path) -> np.ndarray:
-    """Encoder features of every tile, cached under out/features by the tiles' bytes and the encoder config."""
-    h = hashlib.sha256(json.dumps({"encoder": config["encoder"], "tiles": config["tiles"]}, sort_keys=True).encode())
-    for image in images:
-        h.update(np.ascontiguousarray(image).tobytes())
-    key = h.hexdigest()[:16]
-    cache = out / "features" / f"{key}.npy"
-    if cache.is_file():
-        return np.load(cache)
-    encoder = encoder_from_config(config)
-    feats = encode(encoder, batches(np.stack(images), config["tiles"]["batch_size"]), len(images), desc="benchmark")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, feats)
-    return feats
-
-
 def fit_rows(t: dict, variant: str, prevalence: float) -> np.ndarray:
     """Rows a reference variant is fitted on: narrow (CMU-1 + TUPAC), broad (clean cohort), cohort (clean cohort
     tiles, each replaced by its artifact version when its draw is below the prevalence)."""
@@ -268,18 +251,17 @@ def label_free_cut(calibration_scores: np.ndarray, own: dict, trimmed: int = 0) 
     return Threshold("false_discard", own["false_discard"]).fit_label_free(calibration_scores, trimmed).threshold_
 
 
-def baselines(scorer: Scorer, feats: np.ndarray, rows: np.ndarray, own: dict, config: dict, robust: bool) -> dict:
+def baselines(scorer: Scorer, feats: np.ndarray, rows: np.ndarray, own: dict, config: dict) -> dict:
     """Ledoit-Wolf Gaussian and kNN per position on the tiles the flow was fitted on, aggregated like the flow; cut
-    on the flow's calibration tiles (their inlier core for a robust fit)."""
+    on the flow's calibration tiles (its inlier core for a robust fit)."""
     out = {}
     fitted, calib = rows[scorer.fitted_], rows[scorer.calibration_]
+    core = np.ones(len(calib), bool) if scorer.inlier_ is None else scorer.inlier_
     for name, head in (("gaussian", Gaussian()), ("knn", KNN(own["knn_coreset"], own["seed"]))):
         mask = np.zeros(len(feats), bool)
         mask[fitted] = True
         scores = aggregate(local_maps(head, feats, mask), config["score"]["aggregate"])
-        held = scores[calib]
-        core = inliers(held, config["reference"]["trim_z"]) if robust else np.ones(len(held), bool)
-        out[name] = (scores, label_free_cut(held[core], own, int((~core).sum())))
+        out[name] = (scores, label_free_cut(scores[calib][core], own, int((~core).sum())))
     return out
 
 
@@ -302,7 +284,7 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
                   "clean": int(((t["split"] == s) & (t["label"] == 0)).sum()),
                   "bad": int(((t["split"] == s) & (t["label"] == 1)).sum())} for s in (*SPLITS, "narrow")}
     log.info("tiles: %s", counts)
-    feats = features_of(images, config, out)
+    feats = features_of(SimpleNamespace(images=images), config, {}, out)  # cached by the tiles' bytes
     encoder = encoder_from_config(config)
     results = {"counts": counts, "units": {u["name"]: [u["organ"], u["stain"], u["split"]] for u in units},
                "variants": {}, "selection_trim_z": {}}
@@ -319,11 +301,11 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
                  r["false_discard"], r["recall"], seconds)
         return scores
 
-    def fit(variant, prevalence, trim_z=None):
+    def fit(variant, prevalence, reference=None):
         rows = fit_rows(t, variant, prevalence)
-        cfg = {**config, "reference": {**config["reference"], **({} if trim_z is None else {"trim_z": trim_z})}}
+        cfg = {**config, "reference": {**config["reference"], **(reference or {})}}
         t0 = time.perf_counter()
-        if trim_z is None:
+        if reference is None:
             scorer = Scorer.fit(feats[rows], encoder, cfg, groups=t["unit"][rows])
         else:
             scorer = fit_robust(feats[rows], encoder, cfg, groups=t["unit"][rows])
@@ -337,29 +319,40 @@ def run_benchmark(config: dict, own: dict, out: Path) -> dict:
         scorer, rows, cut, sec, cfg = fit("cohort", p)
         record(f"cohort-naive {p:.0%}", scorer, cut, sec)
         if p == own["baselines_at"]:
-            for name, (scores, bcut) in baselines(scorer, feats, rows, own, cfg, robust=False).items():
+            for name, (scores, bcut) in baselines(scorer, feats, rows, own, cfg).items():
                 record(f"cohort-naive {p:.0%} {name}", scores, bcut, 0.0)
-    # trim_z chosen on selection at the baselines' prevalence: the best recall minus false discards at the cut
+    # stat_z and core_z chosen on selection at the baselines' prevalence: the best recall among the settings whose
+    # false discards stay within the goal (5 %), else the fewest false discards
     p_sel = own["baselines_at"]
-    fits = {}
-    for z in own["trim_z"]:
-        fits[z] = fit("cohort", p_sel, trim_z=z)
-        scorer, _, cut, _, _ = fits[z]
-        sel = evaluate(scorer.score(feats), cut, t, "selection", own)
-        results["selection_trim_z"][str(z)] = {k: sel[k] for k in ("auroc", "false_discard", "recall")}
-    z = max(own["trim_z"], key=lambda v: (results["selection_trim_z"][str(v)]["recall"]
-                                          - results["selection_trim_z"][str(v)]["false_discard"], -v))
-    results["trim_z"] = z
+    fits, chosen = {}, {}
+    for stat_z in own["stat_z"]:
+        fits[stat_z] = fit("cohort", p_sel, {"stat_z": stat_z})
+        scorer = fits[stat_z][0]
+        scores = scorer.score(feats)
+        for core_z in own["core_z"]:
+            cut = label_free_cut(scorer.set_core(core_z).heldout_scores(), own, scorer.trimmed)
+            sel = evaluate(scores, cut, t, "selection", own)
+            chosen[(stat_z, core_z)] = {k: sel[k] for k in ("auroc", "false_discard", "recall")}
+    ok = [k for k, v in chosen.items() if v["false_discard"] <= own["selection_false_discard"]]
+    stat_z, core_z = (max(ok, key=lambda k: chosen[k]["recall"]) if ok
+                      else min(chosen, key=lambda k: chosen[k]["false_discard"]))
+    results["selection_settings"] = {f"stat_z {a}, core_z {b}": v for (a, b), v in chosen.items()}
+    results["chosen"] = {"stat_z": stat_z, "core_z": core_z}
+    setting = {"stat_z": stat_z, "core_z": core_z}
     for p in own["prevalence"]:
-        scorer, rows, cut, sec, cfg = fits[z] if p == p_sel else fit("cohort", p, trim_z=z)
-        trimmed = 1 - scorer.fitted_.sum() / max(1, (~scorer.calibration_).sum())
-        bad_trimmed = t["label"][rows[~scorer.fitted_ & ~scorer.calibration_]].sum()
+        if p == p_sel:
+            scorer, rows, _, sec, cfg = fits[stat_z]
+            cut = label_free_cut(scorer.set_core(core_z).heldout_scores(), own, scorer.trimmed)
+        else:
+            scorer, rows, cut, sec, cfg = fit("cohort", p, setting)
+        fitting = ~scorer.calibration_
         record(f"cohort-robust {p:.0%}", scorer, cut, sec, {
-            "trimmed_share": float(trimmed), "trimmed_artifacts": int(bad_trimmed),
-            "cohort_artifacts": int(t["label"][rows[~scorer.calibration_]].sum()),
+            "trimmed_share": float(1 - scorer.fitted_.sum() / max(1, fitting.sum())),
+            "trimmed_artifacts": int(t["label"][rows[~scorer.fitted_ & fitting]].sum()),
+            "cohort_artifacts": int(t["label"][rows[fitting]].sum()),
             "calibration_trimmed": scorer.trimmed, "calibration_core": int(len(scorer.heldout_scores()))})
         if p == p_sel:
-            for name, (scores, bcut) in baselines(scorer, feats, rows, own, cfg, robust=True).items():
+            for name, (scores, bcut) in baselines(scorer, feats, rows, own, cfg).items():
                 record(f"cohort-robust {p:.0%} {name}", scores, bcut, 0.0)
     name, scores = best_statistic(feats, t, config)
     sel_cut = float(np.quantile(scores[(t["split"] == "cohort") & (t["label"] == 0)], 1 - own["false_discard"]))
@@ -415,9 +408,9 @@ def markdown(results: dict) -> str:
         lines.append(f"| {k} | " + " | ".join(
             f"{_cell(rows[f]['test']['kinds'].get(k, {}).get('recall'))} "
             f"({_cell(rows[f]['test']['kinds'].get(k, {}).get('recall_mild'))})" for f in focus) + " |")
-    lines += ["", f"trim_z chosen on selection (15 % prevalence): {results['trim_z']}; selection: " + "; ".join(
-        f"z {z}: AUROC {v['auroc']:.3f}, false discards {v['false_discard']:.3f}, recall {v['recall']:.3f}"
-        for z, v in results["selection_trim_z"].items())]
+    lines += ["", f"chosen on selection (15 % prevalence): {results['chosen']}; selection: " + "; ".join(
+        f"{k}: AUROC {v['auroc']:.3f}, false discards {v['false_discard']:.3f}, recall {v['recall']:.3f}"
+        for k, v in results["selection_settings"].items())]
     for name, r in rows.items():
         if "trimmed_share" in r:
             lines.append(f"{name}: trimmed {100 * r['trimmed_share']:.1f} % of the fitting tiles "

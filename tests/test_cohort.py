@@ -11,7 +11,7 @@ import zarr
 
 from wsi_qc.cli import main
 from wsi_qc.cohort.folder import KEY_FILE, cohort_folder
-from wsi_qc.cohort.robust import fit_robust, inliers
+from wsi_qc.cohort.robust import fit_robust, inliers, statistic_outliers, tile_statistics
 from wsi_qc.config import load_config
 from wsi_qc.scorer import Scorer
 from wsi_qc.threshold import Threshold, achieved_bound
@@ -35,7 +35,7 @@ def _cohort(seed: int, n_slides: int = 8, per_slide: int = 60, contamination: fl
 
 @pytest.fixture(scope="module")
 def fits():
-    config = load_config(overrides={"flow": SMALL_FLOW, "reference": {"rounds": 2, "trim_z": 2.5}})
+    config = load_config(overrides={"flow": SMALL_FLOW, "reference": {"rounds": 2, "trim_z": 2.5, "core_z": 2.5}})
     x, groups, bad = _cohort(0)
     naive = Scorer.fit(x, POOLED, config, groups=groups)
     robust = fit_robust(x, POOLED, config, groups=groups)
@@ -49,6 +49,22 @@ def test_inliers_are_within_trim_z_robust_sds_of_the_median_score():
     assert keep[:101].all() and not keep[101:].any()  # 3.0 is 4.05 robust SDs out
     assert inliers(scores, 5.0)[101] and not inliers(scores, 5.0)[102]
     assert inliers(np.ones(10), 1.0).all()  # no spread: nothing is an outlier
+
+
+def test_statistic_outliers_are_odd_within_their_slide_not_a_rare_slide():
+    rng = np.random.default_rng(0)
+    stats = rng.normal(size=(60, 3))
+    groups = np.repeat(np.arange(6), 10)
+    stats[groups == 5] += 20.0  # a whole slide of a rare stain: consistent with itself
+    stats[3, 0] -= 8.0  # one tile of slide 0 far less sharp than its neighbours
+    odd = statistic_outliers(stats, groups, 4.0)
+    assert odd[3] and odd.sum() == 1
+    assert not statistic_outliers(stats, groups, None).any()
+    local = np.zeros((2, 3, 3, 40), np.float32)
+    local[..., -18:] = np.arange(18)  # a local tile's statistics close its vector at every position
+    encoder = SimpleNamespace(grid=3, image_stats=True)
+    assert np.array_equal(tile_statistics(local, encoder), np.tile(np.arange(18.0), (2, 1)))
+    assert tile_statistics(local, SimpleNamespace(grid=3, image_stats=False)) is None
 
 
 def test_robust_fit_trims_planted_artifacts_and_scores_them_higher_than_a_naive_fit(fits):

@@ -59,6 +59,8 @@ LIMITS: dict[str, Limit] = {
     "flow.pca_dim": Limit(int, low=1, null=True),
     "reference.calibration_fraction": Limit(low=0, high=1, open_high=True),
     "reference.trim_z": POSITIVE,
+    "reference.core_z": POSITIVE,
+    "reference.stat_z": Limit(float, low=0, open_low=True, null=True),
     "reference.rounds": AT_LEAST_0,
     "reference.max_rows": Limit(int, low=1000, null=True),
     "reference.tiles_per_slide": AT_LEAST_1,

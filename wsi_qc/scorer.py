@@ -370,6 +370,7 @@ class Scorer:
         self.meta: dict = {}
         self.heldout_: dict[str, np.ndarray] = {}
         self.inlier_: np.ndarray | None = None  # calibration tiles in the cut (cohort scorers; None: all)
+        self.excluded_: np.ndarray | None = None  # calibration tiles never in the cut (set_calibration)
         self.coarse: Scorer | None = None  # the cascade's coarse pass, when fitted with it
         self.focus_: np.ndarray | None = None  # the reference tiles' focus values (wsi_qc.cascade.FOCUS_STATS)
 
@@ -408,16 +409,25 @@ class Scorer:
         scorer.n_reference_, scorer.fitted_, scorer.calibration_ = n, fit, ~fit
         return scorer.set_calibration(features[~fit])
 
-    def set_calibration(self, features: np.ndarray, trim_z: float | None = None) -> "Scorer":
-        """Keep both scores of calibration tiles (features never fitted on) for the label-free cut; with `trim_z`,
-        only their inlier core counts (wsi_qc.cohort.inliers: tiles of contaminated inputs above the core are
-        left out of the cut). Returns self."""
+    def set_calibration(self, features: np.ndarray, core_z: float | None = None,
+                        excluded: np.ndarray | None = None) -> "Scorer":
+        """Keep both scores of calibration tiles (features never fitted on) for the label-free cut; with `core_z`,
+        only their inlier core counts (set_core), never the `excluded` ones (bool per tile). Returns self."""
         self.heldout_ = self.score_maps_all(features) if len(features) else {}
+        self.excluded_ = excluded
+        return self.set_core(core_z)
+
+    def set_core(self, core_z: float | None) -> "Scorer":
+        """Let only the calibration tiles within `core_z` robust SDs of their median score (wsi_qc.cohort.robust
+        .inliers), and not excluded, set the label-free cut: artifacts among the tiles of a cohort would raise it
+        above themselves. None: every calibration tile counts. Returns self."""
         self.inlier_ = None
-        if trim_z is not None and self.heldout_:
+        if core_z is not None and self.heldout_:
             from wsi_qc.cohort.robust import inliers
 
-            self.inlier_ = inliers(self._tile_scores(self.heldout_[self.score_kind]), trim_z)
+            self.inlier_ = inliers(self._tile_scores(self.heldout_[self.score_kind]), core_z)
+            if self.excluded_ is not None:
+                self.inlier_ &= ~self.excluded_
         return self
 
     def fit_cascade(self, coarse_features: np.ndarray, encoder: Encoder, groups=None) -> "Scorer":

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from wsi_qc import __version__
 from wsi_qc.cohort.robust import fit_robust
-from wsi_qc.config import fingerprint
 from wsi_qc.errors import ConfigError, WSIQCError
+from wsi_qc.identity import file_state, json_digest
 from wsi_qc.scorer import encoder_from_config, reference_features, slide_features
 from wsi_qc.slide import Slide
 from wsi_qc.threshold import Threshold
@@ -38,19 +38,15 @@ def cohort_folder(out: str | Path) -> Path:
 
 
 def _files(paths) -> list:
-    """Path, size and modification time of each input (a changed or replaced slide changes the cohort key)."""
-    out = []
-    for p in map(Path, paths):
-        st = p.stat() if p.exists() else None
-        out.append([str(p.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
-    return out
+    """Path and identity.file_state of each input: a changed or replaced slide changes the cohort key."""
+    return [[str(Path(p).resolve()), file_state(p) if Path(p).is_file() else None] for p in paths]
 
 
 def cohort_key(slides, reference, config: dict) -> str:
-    """What a cohort scorer is fitted from: the slides and curated inputs (path, size, mtime), the config sections
-    it depends on (FITTED_SECTIONS) and the wsi-qc version."""
-    return fingerprint({"slides": _files(slides), "reference": _files(reference), "version": __version__,
-                        "config": {s: config[s] for s in FITTED_SECTIONS}})
+    """What a cohort scorer is fitted from (identity.json_digest): the slides and curated inputs (path, size, mtime,
+    head digest), the config sections it depends on (FITTED_SECTIONS) and the wsi-qc version."""
+    return json_digest({"slides": _files(slides), "reference": _files(reference), "version": __version__,
+                        "config": {s: config[s] for s in FITTED_SECTIONS}}, 16)
 
 
 def sample_features(paths: list[Path], encoder, config: dict) -> tuple[np.ndarray, np.ndarray]:
