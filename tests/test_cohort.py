@@ -56,14 +56,17 @@ def test_statistic_outliers_are_odd_within_their_slide_not_a_rare_slide():
     stats = rng.normal(size=(60, 3))
     groups = np.repeat(np.arange(6), 10)
     stats[groups == 5] += 20.0  # a whole slide of a rare stain: consistent with itself
-    stats[3, 0] -= 8.0  # one tile of slide 0 far less sharp than its neighbours
-    odd = statistic_outliers(stats, groups, 4.0)
-    assert odd[3] and odd.sum() == 1
+    stats[3, 0] += 8.0  # one tile of slide 0 far less sharp than its neighbours (the counted side is positive)
+    stats[4, 0] -= 8.0  # one far sharper: not an artifact, one-sided
+    stats[5, 1] -= 8.0  # one far off on a two-sided statistic
+    two_sided = np.array([False, True, True])
+    odd = statistic_outliers(stats, groups, 4.0, two_sided)
+    assert odd[3] and odd[5] and odd.sum() == 2
     assert not statistic_outliers(stats, groups, None).any()
     local = np.zeros((2, 3, 3, 40), np.float32)
-    local[..., -18:] = np.arange(18)  # a local tile's statistics close its vector at every position
-    encoder = SimpleNamespace(grid=3, image_stats=True)
-    assert np.array_equal(tile_statistics(local, encoder), np.tile(np.arange(18.0), (2, 1)))
+    local[..., -18:] = np.arange(1, 19)  # a local tile's statistics close its vector at every position
+    checked = tile_statistics(local, SimpleNamespace(grid=3, image_stats=True))
+    assert checked.shape == (2, 7) and checked[0, 0] == -1.0 and checked[0, 1] == 2.0  # sharpness sign-flipped
     assert tile_statistics(local, SimpleNamespace(grid=3, image_stats=False)) is None
 
 

@@ -13,7 +13,8 @@ from wsi_qc.errors import ConfigError
 
 def test_defaults_have_every_section_and_are_commented():
     config = load_config()
-    assert set(config) == {"slide", "tissue", "tiles", "encoder", "flow", "score", "cascade", "threshold", "run"}
+    assert set(config) == {"slide", "tissue", "tiles", "encoder", "flow", "score", "reference", "cascade", "threshold",
+                           "run"}
     lines = [ln for ln in DEFAULT_CONFIG.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     leaf_lines = [ln for ln in lines if not ln.rstrip().endswith(":")]
     assert all("#" in ln for ln in leaf_lines), [ln for ln in leaf_lines if "#" not in ln]

@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 
-from wsi_qc.config import load_config
+from wsi_qc.config import explicit_keys, load_config
 from wsi_qc.errors import ConfigError
 
 ConfigLike = str | Path | dict | None
@@ -23,6 +24,8 @@ def as_config(config: ConfigLike = None) -> dict:
     """A full config from None (the defaults), a YAML file or a dict of overrides."""
     if config is None:
         return load_config()
+    if explicit_keys(config) is not None:  # already a loaded config: a copy that keeps which keys were set
+        return copy.deepcopy(config)
     if isinstance(config, dict):
         return load_config(overrides=config)
     return load_config(config)

@@ -3,7 +3,8 @@
 A flow fitted on every tile of a contaminated cohort learns part of its artifacts as normal, most of all those
 that change a whole tile the way another tissue or stain would (blur, defocus, under-staining). So tiles whose
 image statistics (sharpness, noise, stain, brightness) lie far from their own slide's (`stat_z`) are left out
-first: artifacts hit some tiles of a slide, while rare normal tissue or a rare stain is consistent over its slide.
+first (SLIDE_CHECKS): artifacts hit some tiles of a slide, while rare normal tissue or a rare stain is consistent
+over its slide.
 Then trimmed refitting
 (after the trimmed likelihood of robust statistics; SoftPatch and MeDS do the same for anomaly detection with
 contaminated training data) scores the fitting tiles, drops those whose score lies more than `trim_z` robust
@@ -43,30 +44,43 @@ def inliers(scores: np.ndarray, z: float) -> np.ndarray:
     return (scores - centre) / spread <= z
 
 
+# The image statistics (wsi_qc.image_stats.IMAGE_STATS) a tile must not stray on from its own slide, with the side
+# that counts: focus (sharpness falls), noise (fine grain rises), stain amount and colour (either way). The
+# zero-inflated pixel fractions (dark, off-palette) and the texture statistics are left to the flow: within a
+# slide they spread too widely for a robust bound (24 % of the clean benchmark cohort flagged at 6 robust SDs).
+SLIDE_CHECKS = {"log_laplacian_var": -1, "log_laplacian_mad": 1, "od_red": 0, "od_green": 0, "od_blue": 0,
+                "hematoxylin_mean": 0, "eosin_mean": 0}
+
+
 def tile_statistics(features: np.ndarray, encoder) -> np.ndarray | None:
-    """The per-tile image statistics (wsi_qc.image_stats.IMAGE_STATS) carried in an encoder's features, (N, 18);
-    None when its features have none."""
+    """The SLIDE_CHECKS image statistics carried in an encoder's features, (N, 7), sign-adjusted so that the side
+    that counts is positive (two-sided ones as they are); None when its features have none."""
     names = stats_names(getattr(encoder, "image_stats", False), getattr(encoder, "grid", None))
     if len(names) < len(IMAGE_STATS):
         return None
     tile = features[:, 0, 0] if features.ndim == 4 else features  # a local tile's statistics repeat at each position
-    return tile[:, tile.shape[-1] - len(IMAGE_STATS):].astype(np.float64)
+    tile = tile[:, tile.shape[-1] - len(IMAGE_STATS):].astype(np.float64)
+    return np.stack([tile[:, IMAGE_STATS.index(n)] * (side or 1) for n, side in SLIDE_CHECKS.items()], axis=1)
 
 
-def statistic_outliers(stats: np.ndarray | None, groups: np.ndarray, z: float | None) -> np.ndarray:
-    """Boolean (N,): tiles with an image statistic more than `z` robust SDs from its slide's median (each statistic
-    centred per slide, scaled by the cohort's MAD of those deviations). Blur, stain loss and noise on some tiles of
-    a slide stand out; a slide of rare but normal tissue or stain is consistent with itself and does not. None:
-    no tile (or no statistics)."""
+def statistic_outliers(stats: np.ndarray | None, groups: np.ndarray, z: float | None,
+                       two_sided: np.ndarray | None = None) -> np.ndarray:
+    """Boolean (N,): tiles with a statistic more than `z` robust SDs from its slide's median (each statistic
+    centred per slide, scaled by the cohort's MAD of those deviations; above only, or either way where
+    `two_sided`, default SLIDE_CHECKS'). Blur, stain loss and noise on some tiles of a slide stand out; a slide of
+    rare but normal tissue or stain is consistent with itself and does not. None: no tile (or no statistics)."""
     n = len(groups)
     if z is None or stats is None:
         return np.zeros(n, bool)
+    if two_sided is None:
+        two_sided = np.array([side == 0 for side in SLIDE_CHECKS.values()])
     deviation = stats.copy()
     for g in np.unique(groups):
         deviation[groups == g] -= np.median(stats[groups == g], axis=0)
     spread = MAD_TO_SD * np.median(np.abs(deviation), axis=0)
     usable = spread > 0
-    return (np.abs(deviation[:, usable]) / spread[usable] > z).any(axis=1)
+    z_scores = deviation[:, usable] / spread[usable]
+    return (np.where(two_sided[usable], np.abs(z_scores), z_scores) > z).any(axis=1)
 
 
 def fit_robust(features: np.ndarray, encoder: Encoder, config: dict, groups=None, trusted=None) -> Scorer:

@@ -7,7 +7,6 @@ taken at offsets that are multiples of the largest stride, so encoder maps and t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from wsi_qc.errors import ConfigError
+from wsi_qc.identity import Digest
 from wsi_qc.nuclei import metrics
 from wsi_qc.nuclei.data import Sample, distance_map, resample, type_map
 from wsi_qc.nuclei.model import NucleiModel
@@ -40,6 +40,8 @@ class Prepared:
 
 
 def _encoder_key(frozen: FrozenEncoder) -> str:
+    """The encoder-maps cache's folder: encoder name, weights sha256 and levels (each image's file inside it is keyed
+    by identity.Digest of its padded pixels and shape)."""
     m = frozen.meta()
     return f"{m['name']}-{m['weights_sha256'][:12]}-L{'_'.join(map(str, m['levels']))}"
 
@@ -54,7 +56,7 @@ def prepare(samples: list[Sample], frozen: FrozenEncoder, mpp: float, cache_dir:
     for sample in tqdm(samples, desc=f"encoder maps ({frozen.meta()['name']})", disable=not progress, leave=False):
         s = resample(sample, mpp)
         rgb = pad_to(s.image, PAD)
-        key = hashlib.sha1(rgb.tobytes() + str(rgb.shape).encode()).hexdigest()
+        key = Digest().array(rgb).text(str(rgb.shape)).hex()  # the padded image's pixels and shape
         path = folder / f"{key}.npz" if folder else None
         if path is not None and path.is_file():
             with np.load(path) as z:
