@@ -2,7 +2,7 @@
 
 1. write example slides (pyramidal JPEG TIFFs from real stained images shipped in tiatoolbox and scikit-image)
 2. wsi-qc run on the slide folder with no reference and no labels: the folder's own cohort scorer and label-free
-   cut -> cohort.zarr (+ cohort-cohort/, cohort-report/)
+   cut -> folder.zarr (+ folder-cohort/, folder-report/)
 then the curated workflow:
 3. make a labelled calibration set (clean reference tiles, clean and synthetic-artifact calibration tiles)
 4. wsi-qc fit-reference on the clean reference tiles
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             write_example_slide(path, size=(args.size, args.size), mpp=0.25, seed=i)
         print(f"   {path} ({path.stat().st_size / 1e6:.1f} MB)")
     step("2. QC the slide folder with no reference and no labels (its own cohort scorer)",
-         ["wsi-qc", "run", str(slides), "--out", str(out / "cohort.zarr")])
+         ["wsi-qc", "run", str(slides), "--out", str(out / "folder.zarr")])
     cal, scorer, calibration = out / "calibration", out / "scorer", out / "calibration.json"
     step("3. labelled calibration set", ["wsi-qc", "make-calibration-set", "--slides", str(slides), "--out", str(cal),
                                          "--overwrite"])
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     step("6. QC the slide folder with the curated scorer", ["wsi-qc", "run", str(slides), "--scorer", str(scorer),
                                                             "--calibration", str(calibration), "--out",
                                                             str(out / "qc.zarr")])
-    print(f"\nDone. Open {out / 'cohort-report' / 'report.html'} (cohort) and {out / 'qc-report' / 'report.html'} "
-          f"(curated) in a browser; masks are in {out / 'cohort.zarr'} and {out / 'qc.zarr'}.")
+    print(f"\nDone. Open {out / 'folder-report' / 'report.html'} (cohort) and {out / 'qc-report' / 'report.html'} "
+          f"(curated) in a browser; masks are in {out / 'folder.zarr'} and {out / 'qc.zarr'}.")
     return 0
 
 
