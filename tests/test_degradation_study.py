@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from wsi_qc.artifacts import LEVELS
 from wsi_qc.config import load_config
 from wsi_qc.data import write_example_slide
 from wsi_qc.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STUDY = {"min_tiles": 0, "max_tiles": 160, "example_slides": {"max": 0, "size": 2048, "mpp": 0.5},
          "levels": {kind: [0, values[3]] for kind, values in LEVELS.items()}, "n_degraded": 16,
@@ -50,10 +55,15 @@ def study_run(tmp_path_factory):
     config = {**CONFIG, "study": {**STUDY, "slides": [str(slide), str(root / "slides" / "missing.svs")]}}
     (root / "study.yaml").write_text(yaml.safe_dump(config))
     out = root / "out"
-    argv = ["--config", str(root / "study.yaml"), "--out", str(out)]
-    assert ds.main(argv) == 0
+    # in a child process: after the study ran in the pytest process, a later DataLoader with forked reader workers
+    # (tests/test_tiles.py) crashed it with SIGSEGV (seen in full runs only; the cause is not found yet)
+    argv = [sys.executable, "-m", "pipelines.degradation_study", "--config", str(root / "study.yaml"), "--out", str(out)]
+    run = lambda: subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)  # noqa: E731
+    done = run()
+    assert done.returncode == 0, done.stderr[-2000:]
     first = json.loads((out / "study.json").read_text())
-    assert ds.main(argv) == 0  # rerun: every feature set comes from the cache
+    done = run()  # rerun: every feature set comes from the cache
+    assert done.returncode == 0, done.stderr[-2000:]
     return out, first, json.loads((out / "study.json").read_text())
 
 
