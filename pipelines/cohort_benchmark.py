@@ -3,8 +3,8 @@
 Tiles come from the real images of ../shared/data (MoNuSeg: seven organs at 40x; CPM-15: glioblastoma and head and
 neck; GBM and LGG brain tiles; one kidney in eleven stains, each image halved into two units; the CMU-1 skin slide;
 the real clean/inked pen pairs). Source units are split per organ/stain group into the cohort (what the scorer is
-fitted on, unlabelled), selection (chooses reference.stat_z and core_z) and test (reported); never by tile. Cohort tiles are
-replaced by an artifact version at a prevalence (0-30 %); selection and test units get artifact tiles of every kind
+fitted on, unlabelled), selection (chooses reference.stat_z and core_z) and test (reported); never by tile.
+Cohort tiles are replaced by an artifact version at a prevalence (0-30 %); selection and test units get artifact tiles of every kind
 and severity (synthetic, wsi_qc.artifacts, on this real tissue) and the real inked pen tiles.
 
 References compared, each through the shipped procedure (`Scorer.fit` or `cohort.fit_robust`, then
@@ -79,7 +79,8 @@ def collect_units(config: dict, own: dict) -> list[dict]:
             continue
         for row in csv.DictReader((folder / "images.csv").open()):
             path = next((folder / "images").glob(row["image"] + ".*"))
-            organ = re.sub(r" \(.*", "", row[column]) if folder.name.startswith("monuseg") else "brain/head-neck (CPM-15)"
+            organ = (re.sub(r" \(.*", "", row[column]) if folder.name.startswith("monuseg")
+                     else "brain/head-neck (CPM-15)")
             add(row["image"], organ, "H&E", tiles_of(_image(path, float(row.get("mpp") or row["mpp_approx"]), mpp),
                                                      size, cap, rng))
     for path in sorted((tissue / "kidney_stains").glob("*.jpg")):
@@ -99,11 +100,12 @@ def collect_units(config: dict, own: dict) -> list[dict]:
     if cmu1.is_file():
         images = _slide_tiles(cmu1, None, config, {"max_tiles": own["cmu1_tiles"]}, rng)[0]
         add("cmu1", "skin", "H&E", images, split="cohort")
-    for name in ("TUPAC-TR-002-tile-r34-c34-x33793-y33799-w1024-h1024", "TUPAC-TR-002-tile-r35-c37-x36865-y34823-w1024-h1024"):
+    for name in ("TUPAC-TR-002-tile-r34-c34-x33793-y33799-w1024-h1024",
+                 "TUPAC-TR-002-tile-r35-c37-x36865-y34823-w1024-h1024"):
         path = SHARED / "artifacts" / "python_wsi_preprocessing" / f"{name}.png"
         if path.is_file():
-            add(f"tupac-{name[18:21]}", "breast (TUPAC)", "H&E", tiles_of(_image(path, 0.25 * 1024 / 600, mpp), size, cap, rng),
-                split="narrow")
+            tiles = tiles_of(_image(path, 0.25 * 1024 / 600, mpp), size, cap, rng)
+            add(f"tupac-{name[18:21]}", "breast (TUPAC)", "H&E", tiles, split="narrow")
     if (SHARED / PEN).is_dir():
         mosaics = {k: tiles_of(_resample(v, PEN_MPP, mpp), size, 10 ** 6, np.random.default_rng(0))
                    for k, v in _pen_mosaics().items()}
@@ -242,8 +244,9 @@ def paired(a: tuple, b: tuple, t: dict, own: dict) -> dict:
     oa, ob = a[0][m] > a[1], b[0][m] > b[1]
     out = {}
     for name, mask in (("recall", strong), ("false_discard", good)):
-        diff = lambda w, mask=mask: _rate(oa[mask], None if w is None else w[mask]) - _rate(ob[mask], None if w is None else w[mask])  # noqa: E731
-        out[name] = [diff(None)] + ci(diff, units, own)
+        def diff(w, mask=mask):
+            return _rate(oa[mask], w[mask]) - _rate(ob[mask], w[mask])
+        out[name] = [diff(np.ones(len(y)))] + ci(diff, units, own)
     return out
 
 

@@ -10,7 +10,8 @@ Two kinds, told apart by the encoder's `grid`:
 
 `rl2` (default) or `nll` is the score (`score.kind`); both come from the same latent (see wsi_qc.rl2).
 A saved scorer carries its whole config (encoder, tiles, flow, score) and the scores of its calibration tiles
-(whole reference slides held out of fitting and of early stopping, for the label-free threshold), so `Scorer.load(path)` needs nothing else. Fitted with `cascade.enabled`,
+(whole reference slides held out of fitting and of early stopping, for the label-free threshold), so
+`Scorer.load(path)` needs nothing else. Fitted with `cascade.enabled`,
 it also carries the coarse pass of the cascade (wsi_qc.cascade) in its folder `coarse/`.
 """
 
@@ -526,10 +527,7 @@ class Scorer:
 
     def scores(self, features: np.ndarray) -> dict[str, np.ndarray]:
         """Both tile scores: rl2 and nll."""
-        maps = self.score_maps_all(features)
-        if self.kind == "pooled":
-            return maps
-        return {k: aggregate(v, self.aggregate) for k, v in maps.items()}
+        return {k: self._tile_scores(v) for k, v in self.score_maps_all(features).items()}
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """The configured tile score (score.kind, aggregated with score.aggregate for a local scorer)."""

@@ -147,8 +147,8 @@ class Threshold:
             "roc": {"fpr": np.asarray(fpr, float).tolist(), "tpr": np.asarray(tpr, float).tolist(),
                     "thresholds": [_finite_or_none(v) for v in thresholds]},
             "n_good": int(self.n_good_), "n_bad": int(self.n_bad_), "wsi_qc_version": __version__,
-            **({"false_discard_bound": float(self.bound_), "trimmed": int(self.trimmed_)} if self.rule == "false_discard"
-               and "bound_" in self.__dict__ else {}),
+            **({"false_discard_bound": float(self.bound_), "trimmed": int(self.trimmed_)}
+               if self.rule == "false_discard" and "bound_" in self.__dict__ else {}),
         }
 
     def save(self, path: str | Path, scorer_fingerprint: str, score: dict | None = None) -> Path:

@@ -91,8 +91,8 @@ def cohort_scorer(slides: list[Path], config: dict, out: str | Path, reference=(
         groups = np.concatenate([groups, curated_groups + len(slides)])
         trusted = np.r_[trusted, np.ones(len(curated), bool)]
     if (~trusted).sum() < config["flow"]["min_reference"]:
-        raise ConfigError(f"the {len(slides)} slide(s) gave {int((~trusted).sum())} tissue tiles; a cohort scorer needs "
-                          f"at least {config['flow']['min_reference']} (flow.min_reference): add slides, raise "
+        raise ConfigError(f"the {len(slides)} slide(s) gave {int((~trusted).sum())} tissue tiles; a cohort scorer "
+                          f"needs at least {config['flow']['min_reference']} (flow.min_reference): add slides, raise "
                           f"reference.tiles_per_slide (now {r['tiles_per_slide']}), or pass --scorer and --calibration")
     scorer = fit_robust(features, encoder, {**config, "reference": {**r, "robust": True}}, groups=groups,
                         trusted=trusted)
